@@ -1,0 +1,451 @@
+"""CausalLMDataModule: texts -> tokenized, concatenated, fixed-length blocks for causal LM training."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lm_lightning.corpus import BUILTIN_CORPORA, builtin_corpus
+from lm_lightning.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+
+# Bumped whenever the on-disk block format changes, so old caches are not read.
+CACHE_FORMAT_VERSION = 1
+_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+
+
+class BlockPacker:
+    """Tokenizes batches of texts and cuts their concatenation into ``block_size`` blocks.
+
+    The tokens left over after the last full block of a batch are carried into the next batch, so a
+    split loses at most one partial block at its very end (the reference ``group_texts`` drops a
+    remainder per 1,000-row map batch). With ``num_proc`` > 1 each process packs its own contiguous
+    shard, so at most one partial block per shard is dropped. Token ids are concatenated with NumPy,
+    linear in the batch (the reference ``sum(lists, [])`` is quadratic).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        text_column: str,
+        block_size: int,
+        eos_between_texts: bool,
+    ) -> None:
+        from tokenizers import Tokenizer
+
+        # A private copy of the Rust tokenizer without truncation or padding: a tokenizer.json that
+        # enables truncation would otherwise cut long texts silently.
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.text_column = text_column
+        self.block_size = block_size
+        self.eos_id = tokenizer.eos_token_id if eos_between_texts else None
+        if eos_between_texts and self.eos_id is None:
+            raise ValueError("eos_between_texts=True needs a tokenizer with an EOS token; this one has none.")
+        self.carry = np.empty(0, dtype=np.int32)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, np.ndarray]:
+        texts = batch[self.text_column]
+        # encode_batch_fast skips the character offsets that nothing here uses.
+        ids = [enc.ids for enc in self.backend.encode_batch_fast(texts)]
+        if self.eos_id is not None:
+            ids = [x + [self.eos_id] for x in ids if x]
+        total = sum(map(len, ids))
+        tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
+        if self.carry.size:
+            tokens = np.concatenate([self.carry, tokens])
+        n_blocks = tokens.size // self.block_size
+        cut = n_blocks * self.block_size
+        self.carry = tokens[cut:].copy()
+        return {"input_ids": tokens[:cut].reshape(n_blocks, self.block_size)}
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Number of tokens ``texts`` give, EOS separators included."""
+        ids = [enc.ids for enc in self.backend.encode_batch_fast(texts)]
+        return sum(len(x) + (self.eos_id is not None and bool(x)) for x in ids)
+
+
+class CausalLMDataModule(L.LightningDataModule):
+    """Texts tokenized, concatenated and cut into ``block_size`` blocks; batches of ``input_ids``.
+
+    Give exactly one source: ``dataset_name`` (a Hugging Face hub dataset), ``data_files`` (local .txt,
+    .json/.jsonl, .csv or .parquet files: a path, a glob, or a mapping split -> path), ``corpus`` (a
+    built-in corpus, ``python-docs``) or ``dataset`` (an in-memory ``DatasetDict``, from Python).
+
+    The ``validation`` (and ``test``) split of the source is used when present; otherwise
+    ``validation_split_percentage`` of the train rows is held out with a generator seeded by ``seed``.
+
+    ``prepare_data`` tokenizes and packs once into an on-disk cache keyed by the source, the tokenizer
+    and the packing settings; ``setup`` only memory-maps it. Labels are not stored: they are the input
+    ids, and the model shifts them. Each block has ``block_size`` tokens and so ``block_size - 1``
+    next-token targets.
+
+    Args:
+        tokenizer: Hub name or local folder of a fast tokenizer, or a tokenizer object. ``None`` with
+            ``train_tokenizer_vocab_size`` trains a byte-level BPE tokenizer on the train split.
+        dataset_name: Hub dataset name, e.g. ``wikitext``.
+        dataset_config_name: Hub dataset config, e.g. ``wikitext-2-raw-v1``.
+        data_files: Local file(s): a path or glob (the train split), or a mapping split name -> path.
+        corpus: A built-in corpus that needs no network: ``python-docs``.
+        dataset: An in-memory ``datasets.DatasetDict`` (or ``Dataset``, taken as train).
+        text_column: The column holding the text.
+        block_size: Tokens per block; default ``min(tokenizer.model_max_length, 1024)``.
+        validation_split_percentage: Share of train rows held out when the source has no validation split.
+        eos_between_texts: Insert the EOS token after each non-empty text (document boundary marker).
+        train_tokenizer_vocab_size: Train a byte-level BPE tokenizer of this size on the train split
+            (cached), instead of loading ``tokenizer``.
+        batch_size: Training batch size.
+        eval_batch_size: Validation/test batch size; default ``batch_size``.
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory; default: when training on a GPU.
+        num_proc: Processes for tokenization (``datasets.map``); default 1.
+        map_batch_size: Texts per tokenization batch.
+        cache_dir: Where packed blocks and trained tokenizers are cached; default
+            ``$HF_DATASETS_CACHE/lm_lightning``.
+        seed: Seed for the validation hold-out and the training shuffle.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase | None = "gpt2",
+        dataset_name: str | None = None,
+        dataset_config_name: str | None = None,
+        data_files: str | dict[str, str] | None = None,
+        corpus: str | None = None,
+        dataset: DatasetDict | Dataset | None = None,
+        text_column: str = "text",
+        block_size: int | None = None,
+        validation_split_percentage: float = 5.0,
+        eos_between_texts: bool = False,
+        train_tokenizer_vocab_size: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        num_proc: int | None = None,
+        map_batch_size: int = 1000,
+        cache_dir: str | None = None,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        sources = {
+            "dataset_name": dataset_name,
+            "data_files": data_files,
+            "corpus": corpus,
+            "dataset": dataset,
+        }
+        given = [k for k, v in sources.items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"Give exactly one data source, got {given or 'none'}: set one of --data.dataset_name "
+                "(hub), --data.data_files (local files), --data.corpus (built-in: "
+                f"{', '.join(BUILTIN_CORPORA)}) or dataset= (an in-memory DatasetDict, from Python)."
+            )
+        if corpus is not None and corpus not in BUILTIN_CORPORA:
+            raise ValueError(f"corpus={corpus!r} is unknown; built-in corpora: {list(BUILTIN_CORPORA)}.")
+        if (tokenizer is None) == (train_tokenizer_vocab_size is None):
+            raise ValueError(
+                "Set exactly one of tokenizer (a name or path, e.g. 'gpt2') and train_tokenizer_vocab_size "
+                f"(train a BPE tokenizer on the data); got tokenizer={tokenizer!r}, "
+                f"train_tokenizer_vocab_size={train_tokenizer_vocab_size!r}."
+            )
+        if block_size is not None and block_size < 2:
+            raise ValueError(f"block_size={block_size} is too small: a block needs at least 2 tokens.")
+        if not 0 < validation_split_percentage < 100:
+            raise ValueError(
+                f"validation_split_percentage={validation_split_percentage} must be in (0, 100)."
+            )
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be at least 1.")
+        if isinstance(dataset, Dataset):
+            dataset = DatasetDict({"train": dataset})
+        if isinstance(data_files, str):
+            data_files = {"train": data_files}
+        self.save_hyperparameters(
+            ignore=["dataset"] if isinstance(tokenizer, str | None) else ["dataset", "tokenizer"]
+        )
+        self.tokenizer_spec = tokenizer
+        self.dataset_name = dataset_name
+        self.dataset_config_name = dataset_config_name
+        self.data_files = data_files
+        self.corpus = corpus
+        self.dataset = dataset
+        self.text_column = text_column
+        self._block_size = block_size
+        self.validation_split_percentage = validation_split_percentage
+        self.eos_between_texts = eos_between_texts
+        self.train_tokenizer_vocab_size = train_tokenizer_vocab_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.num_proc = num_proc or 1
+        self.map_batch_size = map_batch_size
+        self.cache_root = Path(cache_dir) if cache_dir else _default_cache_root()
+        self.seed = seed
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._tokenizer_path: str | None = tokenizer if isinstance(tokenizer, str) else None
+        self.datasets: dict[str, Dataset] = {}
+        # Many tokenizer processes already use the cores: keep each single-threaded (and silent when
+        # DataLoader workers fork). One process: let the Rust tokenizer use all cores.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if self.num_proc > 1 else "true")
+
+    # ----------------------------------------------------------------------------- sources
+    def load_raw(self) -> DatasetDict:
+        """The source's text splits (``train``, ``validation``, and ``test`` when present)."""
+        if self.dataset is not None:
+            raw = self.dataset
+        elif self.corpus is not None:
+            raw = DatasetDict({"train": builtin_corpus(self.corpus)})
+        elif self.data_files is not None:
+            raw = _load_data_files(self.data_files)
+        else:
+            raw = load_dataset(self.dataset_name, self.dataset_config_name)
+        raw = DatasetDict(raw)
+        if "train" not in raw:
+            raise ValueError(f"The data source has no 'train' split; its splits are {list(raw)}.")
+        for split, ds in raw.items():
+            _check_text_column(ds, self.text_column, split)
+        if "validation" not in raw:
+            held_out = raw["train"].train_test_split(
+                test_size=self.validation_split_percentage / 100, seed=self.seed, keep_in_memory=True
+            )
+            raw["train"], raw["validation"] = held_out["train"], held_out["test"]
+        return DatasetDict({k: raw[k] for k in ("train", "validation", "test") if k in raw})
+
+    # ----------------------------------------------------------------------------- tokenizer
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer (loaded, or trained and cached, on first use)."""
+        if self._tokenizer is None:
+            if self.train_tokenizer_vocab_size is not None:
+                self._tokenizer = self._trained_tokenizer(self.load_raw())
+            else:
+                self._tokenizer = load_tokenizer(self.tokenizer_spec)
+        return self._tokenizer
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """A name or folder that ``AutoTokenizer.from_pretrained`` loads this tokenizer from, if any."""
+        if self._tokenizer_path is None and self.train_tokenizer_vocab_size is not None:
+            self.tokenizer  # noqa: B018 - trains or loads it, and sets the path
+        return self._tokenizer_path
+
+    def _trained_tokenizer(self, raw: DatasetDict) -> PreTrainedTokenizerBase:
+        train = raw["train"]
+        key = _hash([train._fingerprint, self.text_column, self.train_tokenizer_vocab_size])
+        path = self.cache_root / "tokenizers" / f"bpe{self.train_tokenizer_vocab_size}-{key}"
+        self._tokenizer_path = str(path)
+        if (path / "tokenizer.json").exists():
+            return load_tokenizer(str(path))
+        batches = (b[self.text_column] for b in train.iter(batch_size=1000))
+        return train_bpe_tokenizer(chain.from_iterable(batches), self.train_tokenizer_vocab_size, path)
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per block."""
+        if self._block_size is None:
+            self._block_size = min(int(self.tokenizer.model_max_length), 1024)
+        return self._block_size
+
+    # ----------------------------------------------------------------------------- cache
+    def _cache_path(self, raw: DatasetDict) -> Path:
+        key = _hash(
+            [
+                CACHE_FORMAT_VERSION,
+                {split: ds._fingerprint for split, ds in raw.items()},
+                tokenizer_fingerprint(self.tokenizer),
+                self.text_column,
+                self.block_size,
+                self.eos_between_texts,
+            ]
+        )
+        return self.cache_root / "blocks" / key
+
+    def prepare_data(self) -> None:
+        """Tokenize and pack every split into the on-disk cache, unless it is there already."""
+        raw = self.load_raw()
+        path = self._cache_path(raw)
+        if (path / "manifest.json").exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+        try:
+            manifest = {"block_size": self.block_size, "splits": {}}
+            for split, ds in raw.items():
+                packer = BlockPacker(
+                    self.tokenizer, self.text_column, self.block_size, self.eos_between_texts
+                )
+                blocks = ds.map(
+                    packer,
+                    batched=True,
+                    batch_size=self.map_batch_size,
+                    remove_columns=ds.column_names,
+                    features=Features({"input_ids": List(Value("int32"), length=self.block_size)}),
+                    cache_file_name=str(tmp / f"{split}.arrow"),
+                    num_proc=self.num_proc if self.num_proc > 1 else None,
+                    desc=f"Tokenizing and packing {split} into blocks of {self.block_size}",
+                )
+                if len(blocks) == 0:
+                    n_tokens = packer.count_tokens(ds[self.text_column])
+                    raise ValueError(
+                        f"The {split!r} split has {n_tokens} tokens, fewer than one block "
+                        f"(block_size={self.block_size}): lower --data.block_size or give more text."
+                    )
+                files = [os.path.relpath(f["filename"], tmp) for f in blocks.cache_files]
+                manifest["splits"][split] = {"files": files, "num_blocks": len(blocks)}
+                del blocks
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if not (path / "manifest.json").exists():  # not a concurrent writer that won
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Memory-map the packed blocks from the cache (packing them first if absent)."""
+        if self.datasets:
+            return
+        raw = self.load_raw()
+        path = self._cache_path(raw)
+        if not (path / "manifest.json").exists():
+            self.prepare_data()
+        manifest = json.loads((path / "manifest.json").read_text())
+        for split, info in manifest["splits"].items():
+            parts = [Dataset.from_file(str(path / f)) for f in info["files"]]
+            ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+            self.datasets[split] = ds.with_format("torch", columns=["input_ids"])
+        self.cache_path = path
+
+    # ----------------------------------------------------------------------------- loaders
+    def _pin(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        trainer = self.trainer
+        return bool(trainer is not None and trainer.strategy.root_device.type == "cuda")
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        if split not in self.datasets:
+            raise ValueError(f"The data source has no {split!r} split; it has {list(self.datasets)}.")
+        sampler = None
+        trainer = self.trainer
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler repeats blocks to even out the shards, which would
+            # count them twice in the validation perplexity; this one gives each block to one rank.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                self.datasets[split],
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                shuffle=False,
+            )
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self._pin(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Training blocks, shuffled with a generator seeded by ``seed``."""
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation blocks, in order."""
+        return self._loader("validation", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test blocks, in order."""
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+def _default_cache_root() -> Path:
+    from datasets import config
+
+    return Path(config.HF_DATASETS_CACHE) / "lm_lightning"
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_data_files(data_files: dict[str, str]) -> DatasetDict:
+    builders = set()
+    for split, pattern in data_files.items():
+        if "://" not in pattern:
+            matches = sorted(glob.glob(os.path.expanduser(pattern)))
+            if not matches:
+                raise FileNotFoundError(
+                    f"data_files[{split!r}]={pattern!r}: no such file. Give an existing path or glob."
+                )
+            for m in matches:
+                if os.path.getsize(m) == 0:
+                    raise ValueError(f"data_files[{split!r}]: {m!r} is empty; give a file with text in it.")
+        suffix = Path(pattern.split("::")[0]).suffix.lower()
+        if suffix not in _BUILDERS:
+            raise ValueError(
+                f"data_files[{split!r}]={pattern!r}: unsupported file type {suffix!r}; "
+                f"use one of {sorted(_BUILDERS)}."
+            )
+        builders.add(_BUILDERS[suffix])
+    if len(builders) > 1:
+        raise ValueError(f"data_files mixes file types {sorted(builders)}; use one type for all splits.")
+    builder = builders.pop()
+    kwargs = {"keep_linebreaks": True} if builder == "text" else {}
+    try:
+        return load_dataset(builder, data_files=data_files, **kwargs)
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, UnicodeDecodeError):
+                raise ValueError(
+                    f"data_files={data_files}: a file is not valid UTF-8 ({cause}); convert it to UTF-8."
+                ) from err
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
+def _check_text_column(ds: Dataset, text_column: str, split: str) -> None:
+    if text_column not in ds.column_names:
+        raise ValueError(
+            f"text_column={text_column!r} is not a column of the {split!r} split; its columns are "
+            f"{ds.column_names}. Set --data.text_column to one of them."
+        )
+    feature = ds.features[text_column]
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        raise ValueError(
+            f"text_column={text_column!r} in the {split!r} split holds {feature}, not text; "
+            f"choose a string column among {ds.column_names}."
+        )

@@ -1,0 +1,318 @@
+"""CausalLMModule: a Hugging Face causal LM trained with AdamW, logging exact perplexity."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_scheduler,
+)
+
+from lm_lightning.loss import TokenNLL, causal_lm_nll
+from lm_lightning.tokenizer import load_tokenizer
+
+SchedulerName = Literal["constant", "linear", "cosine"]
+_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CausalLMModule(L.LightningModule):
+    """A causal language model (GPT-2 by default, any ``AutoModelForCausalLM``) for fit/validate/test.
+
+    The model comes from ``model_name_or_path`` (pretrained weights) or, for training from scratch,
+    from ``config_name`` and/or ``model_config`` (``GPT2Config``-style keys such as ``n_layer``,
+    ``n_head``, ``n_embd``, ``n_positions``; ``model_type`` picks another architecture). The vocabulary
+    size follows the tokenizer unless ``model_config`` sets it. The model is built in
+    ``configure_model``, once the data module's tokenizer is known.
+
+    Logged: ``train/loss`` and ``train/lr`` per step; ``val/loss``, ``val/perplexity`` (and
+    ``test/...``) per epoch.
+    Perplexity is ``exp(sum of token NLL / number of target tokens)`` over the whole split, summed
+    across processes: a block of ``T`` tokens has ``T - 1`` targets (each token but the first), and
+    labels of ``-100`` or positions with ``attention_mask == 0`` are not targets.
+
+    Args:
+        model_name_or_path: Hub name or local folder of pretrained weights (e.g. ``gpt2``).
+        config_name: Hub name or folder of a config to train from scratch (random weights).
+        model_config: Config values to train from scratch, or to override on ``config_name``.
+        tokenizer: Tokenizer name or folder; default: the data module's tokenizer.
+        dtype: Weights dtype (``float32``, ``bfloat16``, ``float16``); use ``trainer.precision`` for
+            mixed precision.
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (when installed).
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        compile: Compile the model with ``torch.compile``.
+        learning_rate: AdamW peak learning rate.
+        weight_decay: Decoupled weight decay, applied to weights only (not biases or norms).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        lr_scheduler: ``constant``, ``linear`` (decay to 0) or ``cosine``, stepped per optimizer step.
+        warmup_steps: Linear warm-up steps.
+        warmup_ratio: Warm-up as a share of all optimizer steps (used when ``warmup_steps`` is 0).
+        loss_chunk_size: Positions per chunk of the vocabulary projection in the loss; ``None`` for the
+            full logits at once.
+        export_dir: Save a Hugging Face folder (model and tokenizer) here at the end of fit.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        config_name: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        lr_scheduler: SchedulerName = "linear",
+        warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
+        loss_chunk_size: int | None = 128,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if model_name_or_path is None and config_name is None and model_config is None:
+            raise ValueError(
+                "No model given: set --model.model_name_or_path (pretrained, e.g. 'gpt2') or "
+                "--model.model_config / --model.config_name (train from scratch)."
+            )
+        if model_name_or_path is not None and (config_name or model_config):
+            raise ValueError(
+                f"model_name_or_path={model_name_or_path!r} loads a pretrained model; config_name and "
+                "model_config are for training from scratch. Set one or the other."
+            )
+        if lr_scheduler not in _SCHEDULERS:
+            raise ValueError(f"lr_scheduler={lr_scheduler!r} is unknown; choose one of {list(_SCHEDULERS)}.")
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is unknown; choose one of {list(_DTYPES)}.")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={warmup_ratio} must be in [0, 1).")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size={loss_chunk_size} must be a positive integer or None.")
+        self.save_hyperparameters()
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.val_nll = TokenNLL()
+        self.test_nll = TokenNLL()
+
+    # ----------------------------------------------------------------------------- model
+    def _find_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.hparams.tokenizer:
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        elif getattr(datamodule, "tokenizer", None) is not None:
+            self.tokenizer = datamodule.tokenizer
+            # Recorded so that a checkpoint loads with its tokenizer and no data module.
+            self.hparams["tokenizer"] = getattr(datamodule, "tokenizer_path", None)
+        elif self.hparams.model_name_or_path:
+            self.tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+        return self.tokenizer
+
+    def build_config(self, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
+        """The model's config, without building the model (cheap: no weights are loaded)."""
+        hp = self.hparams
+        if hp.model_name_or_path:
+            return AutoConfig.from_pretrained(hp.model_name_or_path)
+        overrides = dict(hp.model_config or {})
+        if tokenizer is not None:
+            overrides.setdefault("vocab_size", len(tokenizer))
+            if tokenizer.eos_token_id is not None:
+                overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+                overrides.setdefault("bos_token_id", tokenizer.bos_token_id or tokenizer.eos_token_id)
+        if hp.config_name:
+            config = AutoConfig.from_pretrained(hp.config_name, **overrides)
+        else:
+            config = AutoConfig.for_model(overrides.pop("model_type", "gpt2"), **overrides)
+        if "vocab_size" not in overrides:
+            raise ValueError(
+                "Training from scratch needs the vocabulary size: give a tokenizer (--data.tokenizer) or "
+                "--model.model_config.vocab_size."
+            )
+        return config
+
+    def configure_model(self) -> None:
+        """Build the Hugging Face model (from pretrained weights or from a config)."""
+        if self.model is not None:
+            return
+        tokenizer = self._find_tokenizer()
+        config = self.build_config(tokenizer)
+        hp = self.hparams
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        check_compatible(config, tokenizer, getattr(datamodule, "block_size", None))
+        kwargs: dict[str, Any] = {}
+        if hp.dtype:
+            kwargs["dtype"] = _DTYPES[hp.dtype]
+        if hp.attn_implementation:
+            kwargs["attn_implementation"] = hp.attn_implementation
+        if hp.model_name_or_path:
+            model = AutoModelForCausalLM.from_pretrained(hp.model_name_or_path, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+            # The resolved config (vocab size from the tokenizer) goes into the checkpoint's hparams.
+            resolved = dict(hp.model_config or {})
+            resolved["vocab_size"] = config.vocab_size
+            for key in ("bos_token_id", "eos_token_id"):
+                resolved.setdefault(key, getattr(config, key))
+            self.hparams["model_config"] = resolved
+        model.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps each module's mode
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hp.compile:
+            model.compile()  # in place: parameter names, and so checkpoints, stay those of the model
+        self.model = model
+
+    # ----------------------------------------------------------------------------- steps
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward pass."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _nll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return causal_lm_nll(
+            self.model,
+            batch["input_ids"],
+            labels=batch.get("labels"),
+            attention_mask=batch.get("attention_mask"),
+            chunk_size=self.hparams.loss_chunk_size,
+        )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Mean next-token loss of the batch."""
+        nll, n_tokens = self._nll(batch)
+        loss = nll / n_tokens
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        if self._trainer is not None and self.trainer.lr_scheduler_configs:
+            self.log(
+                "train/lr", self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0], on_step=True
+            )
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Accumulate the batch's token NLL for the epoch's perplexity."""
+        self.val_nll.update(*self._nll(batch))
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Accumulate the batch's token NLL for the test perplexity."""
+        self.test_nll.update(*self._nll(batch))
+
+    def _log_split(self, split: str, metric: TokenNLL) -> None:
+        mean_nll = metric.compute()  # already summed over processes by torchmetrics
+        metric.reset()
+        self.log(f"{split}/loss", mean_nll.float(), prog_bar=split == "val")
+        self.log(f"{split}/perplexity", torch.exp(mean_nll).float(), prog_bar=split == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/loss`` and ``val/perplexity`` over the whole validation split."""
+        self._log_split("val", self.val_nll)
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/loss`` and ``test/perplexity`` over the whole test split."""
+        self._log_split("test", self.test_nll)
+
+    # ----------------------------------------------------------------------------- optimizer
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: weights decay; biases and normalisation parameters do not."""
+        no_decay: set[int] = set()
+        for module in self.model.modules():
+            is_norm = (
+                isinstance(module, nn.LayerNorm | nn.GroupNorm) or "norm" in type(module).__name__.lower()
+            )
+            for name, param in module.named_parameters(recurse=False):
+                if is_norm or name == "bias":
+                    no_decay.add(id(param))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return [
+            {
+                "params": [p for p in params if id(p) not in no_decay],
+                "weight_decay": self.hparams.weight_decay,
+            },
+            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (fused where the device supports it) and a per-step LR schedule."""
+        hp = self.hparams
+        device = next(self.model.parameters()).device
+        optimizer = torch.optim.AdamW(
+            self.parameter_groups(),
+            lr=hp.learning_rate,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+            fused=device.type == "cuda",
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = hp.warmup_steps or int(hp.warmup_ratio * total)
+        scheduler = get_scheduler(
+            _SCHEDULERS[hp.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------- export
+    def export_hf(self, output_dir: str | os.PathLike) -> Path:
+        """Save the model and tokenizer as a Hugging Face folder, written atomically."""
+        if self.model is None:
+            self.configure_model()
+        output_dir = Path(output_dir)
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp"))
+        try:
+            self.model.save_pretrained(tmp)
+            if self._find_tokenizer() is not None:
+                self.tokenizer.save_pretrained(tmp)
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            os.replace(tmp, output_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return output_dir
+
+    def on_fit_end(self) -> None:
+        """Export the Hugging Face folder when ``export_dir`` is set."""
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.export_hf(self.hparams.export_dir)
+
+
+def check_compatible(
+    config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None, block_size: int | None
+) -> None:
+    """Raise when the data cannot go through the model: blocks too long, or token ids out of range."""
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if block_size is not None and max_positions is not None and block_size > max_positions:
+        raise ValueError(
+            f"block_size={block_size} is larger than the model's context of {max_positions} positions: set "
+            f"--data.block_size to at most {max_positions} (or raise n_positions when training from scratch)."
+        )
+    vocab_size = getattr(config, "vocab_size", None)
+    if tokenizer is not None and vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab_size} rows: "
+            "token ids would be out of range. Use the model's own tokenizer, or train from scratch with "
+            "vocab_size >= the tokenizer's size."
+        )
+
+
+def export_checkpoint(*, ckpt_path: str, output_dir: str) -> Path:
+    """Turn a ``CausalLMModule`` checkpoint into a Hugging Face folder (model + tokenizer).
+
+    Args:
+        ckpt_path: A checkpoint written by ``fit``.
+        output_dir: The folder to create; ``AutoModelForCausalLM.from_pretrained`` loads it.
+    """
+    module = CausalLMModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    return module.export_hf(output_dir)

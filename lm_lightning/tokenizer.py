@@ -1,0 +1,86 @@
+"""Loading, training and fingerprinting tokenizers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def load_tokenizer(name_or_path: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Return a fast tokenizer from a hub name, a local folder, or a tokenizer object as is.
+
+    GPT-2 style tokenizers have no pad token; the EOS token is used for padding (it is never a target
+    in packed blocks, and generation passes an attention mask).
+    """
+    if isinstance(name_or_path, PreTrainedTokenizerBase):
+        tokenizer = name_or_path
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"tokenizer={name_or_path!r} could not be loaded: give a Hugging Face hub name (needs the "
+                f"network, e.g. 'gpt2') or a local folder holding tokenizer.json or tokenizer_config.json. "
+                f"Cause: {err}"
+            ) from err
+    if not tokenizer.is_fast:
+        raise ValueError(f"tokenizer={name_or_path!r} has no fast (Rust) implementation; one is required.")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides the token ids a tokenizer produces."""
+    h = hashlib.sha256()
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps([tokenizer.eos_token, tokenizer.bos_token, len(tokenizer)]).encode())
+    return h.hexdigest()[:16]
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, save_dir: str | os.PathLike
+) -> PreTrainedTokenizerFast:
+    """Train a GPT-2 style byte-level BPE tokenizer on ``texts`` and save it to ``save_dir``.
+
+    The folder is written atomically: it appears complete or not at all.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        model_max_length=1024,
+    )
+    save_dir = Path(save_dir)
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.tmp"))
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, save_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not save_dir.exists():  # a concurrent process may have won the race
+            raise
+    return load_tokenizer(str(save_dir))

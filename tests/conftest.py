@@ -1,0 +1,68 @@
+"""Shared offline fixtures: a locally trained tokenizer, tiny GPT-2 models, and the shared data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lm_lightning.corpus import python_docs_texts
+from lm_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+SHARED_DATA = Path(os.environ.get("LM_LIGHTNING_SHARED_DATA", Path(__file__).parents[2] / "shared" / "data"))
+WIKITEXT = SHARED_DATA / "wikitext-2-v1"
+GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
+
+needs_shared_data = pytest.mark.skipif(
+    not (WIKITEXT / "validation.parquet").exists() or not (GPT2_TOKENIZER / "tokenizer.json").exists(),
+    reason=f"needs WikiText-2 and the GPT-2 tokenizer in {SHARED_DATA} (the ../shared/data folder beside "
+    "the checkout); set LM_LIGHTNING_SHARED_DATA to point elsewhere",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, which are many times slower on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_path(tmp_path_factory) -> str:
+    """A 512-token byte-level BPE tokenizer trained on the Python docs, saved in a folder."""
+    path = tmp_path_factory.mktemp("tok") / "bpe512"
+    train_bpe_tokenizer(python_docs_texts(), 512, path)
+    return str(path)
+
+
+@pytest.fixture
+def bpe_tokenizer(bpe_tokenizer_path):
+    """A fresh copy of the locally trained tokenizer (tests may change its padding side)."""
+    return load_tokenizer(bpe_tokenizer_path)
+
+
+@pytest.fixture
+def tiny_gpt2(bpe_tokenizer) -> GPT2LMHeadModel:
+    """A randomly initialised 2-layer, 64-wide GPT-2 for the BPE tokenizer, in eval mode."""
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(bpe_tokenizer),
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=bpe_tokenizer.eos_token_id,
+        eos_token_id=bpe_tokenizer.eos_token_id,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def doc_texts() -> list[str]:
+    """Paragraphs of the Python docs, the offline test corpus."""
+    return python_docs_texts()

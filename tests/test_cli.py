@@ -1,0 +1,125 @@
+"""The CLI: fit/validate/test from YAML in a subprocess, overrides, shipped configs, early errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lm_lightning import CausalLMModule
+from lm_lightning.cli import cli_main
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def _tiny_config(tmp_path: Path, tokenizer_path: str, doc_texts: list[str]) -> Path:
+    train = tmp_path / "train.txt"
+    train.write_text("".join(doc_texts[:500]))
+    valid = tmp_path / "valid.txt"
+    valid.write_text("".join(doc_texts[500:560]))
+    config = {
+        "seed_everything": 1,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 4,
+            "limit_val_batches": 3,
+            "val_check_interval": 3,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"},
+            },
+        },
+        "model": {
+            "model_config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64},
+            "learning_rate": 1e-3,
+        },
+        "data": {
+            "tokenizer": tokenizer_path,
+            "data_files": {"train": str(train), "validation": str(valid), "test": str(valid)},
+            "block_size": 64,
+            "batch_size": 4,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lm_lightning", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_fit_validate_test_export_in_subprocesses(tmp_path, bpe_tokenizer_path, doc_texts):
+    config = _tiny_config(tmp_path, bpe_tokenizer_path, doc_texts)
+    fit = _run(
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_steps",
+        "6",
+        "--model.weight_decay",
+        "0.2",
+        cwd=tmp_path,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny" / "version_0"
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert {p.name for p in ckpts} >= {"last.ckpt"} and len(ckpts) == 2  # best val/perplexity + last
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 6 and saved["model"]["weight_decay"] == 0.2  # overrides applied
+
+    module = CausalLMModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert module.hparams.weight_decay == 0.2 and module.hparams.tokenizer == bpe_tokenizer_path
+    assert module.model.config.vocab_size == 512  # followed the tokenizer
+
+    for verb, key in (("validate", "val/perplexity"), ("test", "test/perplexity")):
+        out = _run(
+            verb,
+            "--config",
+            str(config),
+            "--ckpt_path",
+            str(run_dir / "checkpoints" / "last.ckpt"),
+            cwd=tmp_path,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert key in out.stdout
+
+    export = _run("export", "--ckpt_path", str(ckpts[0]), "--output_dir", str(tmp_path / "hf"), cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "tokenizer" not in printed["model"]  # a link target: given once, in data
+    cli = cli_main(["--config", str(CONFIGS / config)], run=False)
+    assert cli.model.hparams.tokenizer == cli.datamodule.tokenizer_spec
+
+
+def test_reference_recipe_matches_the_notebook():
+    recipe = yaml.safe_load((CONFIGS / "gpt2-wikitext2.yaml").read_text())
+    assert recipe["model"]["model_name_or_path"] == "gpt2"
+    assert recipe["model"]["learning_rate"] == 2e-5 and recipe["model"]["weight_decay"] == 0.01
+    assert recipe["trainer"]["max_epochs"] == 2 and recipe["trainer"]["check_val_every_n_epoch"] == 1
+    data = recipe["data"]
+    assert (data["dataset_name"], data["dataset_config_name"]) == ("wikitext", "wikitext-2-raw-v1")
+    assert data["block_size"] == 512 and data["batch_size"] == 8
+
+
+def test_block_size_above_context_fails_fast_with_a_clear_message(tmp_path, bpe_tokenizer_path, doc_texts):
+    config = _tiny_config(tmp_path, bpe_tokenizer_path, doc_texts)
+    out = _run("fit", "--config", str(config), "--data.block_size", "100", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "block_size=100 is larger than the model's context of 64" in out.stderr
+    assert not (tmp_path / "cache" / "blocks").exists()  # failed before tokenizing anything

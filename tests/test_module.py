@@ -1,0 +1,190 @@
+"""CausalLMModule: loss, exact perplexity, weight-decay groups, checkpoints and export."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lm_lightning import CausalLMDataModule, CausalLMModule
+from lm_lightning.loss import causal_lm_nll
+
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+
+
+def _datamodule(tmp_path, tokenizer_path, texts, block_size=32, **kwargs) -> CausalLMDataModule:
+    dsd = DatasetDict(
+        {
+            "train": Dataset.from_dict({"text": texts[:400]}),
+            "validation": Dataset.from_dict({"text": texts[400:460]}),
+        }
+    )
+    return CausalLMDataModule(
+        tokenizer=tokenizer_path,
+        dataset=dsd,
+        block_size=block_size,
+        cache_dir=str(tmp_path / "cache"),
+        **kwargs,
+    )
+
+
+def _trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def _plain_torch_nll(model, blocks: torch.Tensor) -> tuple[float, int]:
+    """Independent reference: full logits, one block at a time, summed in float64."""
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for block in blocks:
+            logits = model(block[None]).logits[0, :-1].double()
+            total += F.cross_entropy(logits, block[1:], reduction="sum").item()
+            count += block.numel() - 1
+    return total, count
+
+
+def test_fit_lowers_training_loss(tmp_path, bpe_tokenizer_path, doc_texts):
+    L.seed_everything(0)
+    dm = _datamodule(tmp_path, bpe_tokenizer_path, doc_texts, batch_size=8)
+    module = CausalLMModule(model_config=TINY, learning_rate=3e-3, lr_scheduler="constant")
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    _trainer(tmp_path, max_steps=30, callbacks=[Record()], limit_val_batches=0).fit(module, dm)
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+def test_validate_perplexity_is_exact_with_a_smaller_last_batch(tmp_path, bpe_tokenizer_path, doc_texts):
+    dm = _datamodule(tmp_path, bpe_tokenizer_path, doc_texts, eval_batch_size=4)
+    module = CausalLMModule(model_config=TINY)
+    dm.setup("validate")
+    n_val = len(dm.datasets["validation"])
+    assert n_val % 4 != 0, "the test needs a last batch smaller than the others"
+    (metrics,) = _trainer(tmp_path).validate(module, dm, verbose=False)
+    total, count = _plain_torch_nll(module.model, dm.datasets["validation"][:]["input_ids"])
+    assert count == n_val * 31  # block_size - 1 targets per block
+    assert metrics["val/perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert metrics["val/loss"] == pytest.approx(total / count, rel=1e-5)
+    # The mean of per-batch means (what the reference reports) is a different number here.
+    with torch.no_grad():
+        batch_means = [causal_lm_nll(module.model, b["input_ids"]) for b in dm.val_dataloader()]
+    naive = sum((s / n).item() for s, n in batch_means) / len(batch_means)
+    assert abs(naive - total / count) > 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_chunked_loss_equals_full_logits_loss(tiny_gpt2, family):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = tiny_gpt2
+    else:
+        config = LlamaConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 40))
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+    with torch.no_grad():
+        full, n_full = causal_lm_nll(model, ids, labels, chunk_size=None)
+        chunked, n_chunked = causal_lm_nll(model, ids, labels, chunk_size=7)
+        hf_loss = model(ids, labels=labels).loss  # transformers' own mean over targets
+    assert n_full == n_chunked == 3 * 39 - 4
+    assert torch.allclose(full, chunked, rtol=1e-5)
+    assert torch.allclose(full / n_full, hf_loss, rtol=1e-5)
+
+
+def test_weight_decay_groups(bpe_tokenizer):
+    module = CausalLMModule(model_config=TINY, tokenizer=None, weight_decay=0.05)
+    module.tokenizer = bpe_tokenizer
+    module.configure_model()
+    decay, no_decay = module.parameter_groups()
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith(".bias") or ".ln_" in n for n in no_decay_names)
+    assert (
+        "transformer.ln_f.weight" in no_decay_names and "transformer.h.0.attn.c_attn.bias" in no_decay_names
+    )
+    assert "transformer.wte.weight" in decay_names and "transformer.h.1.mlp.c_fc.weight" in decay_names
+    assert not decay_names & no_decay_names
+    n_params = sum(p.numel() for p in decay["params"] + no_decay["params"])
+    assert n_params == sum(p.numel() for p in module.model.parameters())
+
+
+def test_checkpoint_loads_alone_and_export_gives_identical_logits(tmp_path, bpe_tokenizer_path, doc_texts):
+    dm = _datamodule(tmp_path, bpe_tokenizer_path, doc_texts)
+    module = CausalLMModule(model_config=TINY, learning_rate=1e-3)
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(module, dm)
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    restored = CausalLMModule.load_from_checkpoint(ckpt)  # no data module, no extra arguments
+    assert restored.hparams.model_config["vocab_size"] == len(dm.tokenizer)
+    ids = torch.randint(0, len(dm.tokenizer), (2, 20))
+    module.model.eval()
+    restored.model.eval()
+    with torch.no_grad():
+        expected = module.model(ids).logits
+        assert torch.equal(restored.model(ids).logits, expected)
+        out = restored.export_hf(tmp_path / "hf")
+        hf = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert torch.equal(hf(ids).logits, expected)
+    assert (out / "tokenizer.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr_scheduler": "exponential"}, "lr_scheduler='exponential' is unknown"),
+        ({"model_config": None}, "No model given"),
+        ({"model_name_or_path": "gpt2"}, "Set one or the other"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio=1.5"),
+    ],
+)
+def test_bad_module_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CausalLMModule(**{"model_config": TINY, **kwargs})
+
+
+def test_block_size_above_context_fails_before_training(tmp_path, bpe_tokenizer_path, doc_texts):
+    dm = _datamodule(tmp_path, bpe_tokenizer_path, doc_texts, block_size=65)
+    module = CausalLMModule(model_config=TINY)  # n_positions 64
+    with pytest.raises(ValueError, match=r"block_size=65 is larger than the model's context of 64"):
+        _trainer(tmp_path, max_steps=1).fit(module, dm)
+    assert module.model is None
+
+
+def test_tokenizer_larger_than_embedding_fails(tmp_path, bpe_tokenizer_path, doc_texts):
+    dm = _datamodule(tmp_path, bpe_tokenizer_path, doc_texts)
+    module = CausalLMModule(model_config={**TINY, "vocab_size": 100})
+    with pytest.raises(ValueError, match=r"tokenizer has 512 tokens but the model's embedding has 100 rows"):
+        _trainer(tmp_path, max_steps=1).fit(module, dm)
