@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from transformers import PreTrainedTokenizerBase
 
-from lm_lightning.generation import DecodingConfig, GeneratedText, generate_texts, resolve_decoding
+from lm_lightning.generation import DecodingConfig, GeneratedText, generate_texts, resolve_decodings
 
 _COLUMNS = ["epoch", "step", "preset", "index", "prompt", "text", "num_new_tokens"]
 
@@ -58,24 +56,10 @@ class TextGenerationCallback(L.Callback):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1.")
-        if decodings is None:
-            decodings = ["greedy", "top_k_top_p"]
-        elif isinstance(decodings, (str, DecodingConfig, Mapping)):
-            decodings = [decodings]
-        if not decodings:
-            raise ValueError("decodings=[] is invalid: give at least one preset name or DecodingConfig.")
         self.prompts = list(prompts)
-        self.decodings: list[tuple[str, DecodingConfig]] = []
-        for spec in decodings:
-            name, decoding = resolve_decoding(spec)
-            if max_new_tokens is not None:
-                decoding = dataclasses.replace(decoding, max_new_tokens=max_new_tokens, max_length=None)
-            # Names key the TensorBoard tags and JSONL lines, so two unnamed configs must not share one.
-            taken = {taken_name for taken_name, _ in self.decodings}
-            unique, n = name, 1
-            while unique in taken:
-                unique, n = f"{name}_{n}", n + 1
-            self.decodings.append((unique, decoding))
+        self.decodings = resolve_decodings(
+            ["greedy", "top_k_top_p"] if decodings is None else decodings, max_new_tokens
+        )
         self.every_n_steps = every_n_steps
         self.jsonl_name = jsonl_name
         self.batch_size = batch_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lm_lightning.data import CausalLMDataModule
 from lm_lightning.module import CausalLMModule, check_compatible
+from lm_lightning.prediction import JSONLPredictionWriter
 from lm_lightning.progress import TokensPerSecondProgressBar
 
 
@@ -21,12 +23,17 @@ def default_precision() -> str:
     return "32-true"
 
 
+# Module arguments that decide the shape of the weights: a checkpoint's values win over the config's.
+WEIGHT_DEFINING_KEYS = ("model_name_or_path", "config_name", "model_config", "tokenizer")
+
+
 class CausalLMCLI(LightningCLI):
     """LightningCLI with the tokenizer linked from data to model and checkpointing on perplexity."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.tokenizer", "model.tokenizer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(JSONLPredictionWriter, "predictions")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/perplexity",
@@ -36,6 +43,22 @@ class CausalLMCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self._given_config = copy.deepcopy(self.config)
+
+    def before_instantiate_classes(self) -> None:
+        # With --ckpt_path, Lightning 2.6 replaces the whole model section by the checkpoint's
+        # hyperparameters, silently dropping command-line settings such as --model.predict_decodings. Only
+        # what defines the weights comes from the checkpoint; everything else is what the user gave.
+        subcommand = self.config.get("subcommand")
+        if not subcommand or not self.config[subcommand].get("ckpt_path"):
+            return
+        given, merged = self._given_config[subcommand].model, self.config[subcommand].model
+        for key, value in vars(given).items():
+            if key not in WEIGHT_DEFINING_KEYS:
+                merged[key] = value
 
     def _check_model_data(self) -> None:
         # Fails before any data is tokenized or any weights are loaded (the model's config only).

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lm_lightning.corpus import BUILTIN_CORPORA, builtin_corpus
+from lm_lightning.prompts import read_prompts
 from lm_lightning.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
 # Bumped whenever the on-disk block format changes, so old caches are not read.
@@ -124,6 +125,9 @@ class CausalLMDataModule(L.LightningDataModule):
         cache_dir: Where packed blocks and trained tokenizers are cached; default
             ``$HF_DATASETS_CACHE/lm_lightning``.
         seed: Seed for the validation hold-out and the training shuffle.
+        prompts: Prompts for ``predict``.
+        prompts_file: A ``.txt`` (one prompt per line) or ``.jsonl`` (``prompt`` key) file of prompts for
+            ``predict``.
     """
 
     def __init__(
@@ -147,6 +151,8 @@ class CausalLMDataModule(L.LightningDataModule):
         map_batch_size: int = 1000,
         cache_dir: str | None = None,
         seed: int = 42,
+        prompts: list[str] | None = None,
+        prompts_file: str | None = None,
     ) -> None:
         super().__init__()
         sources = {
@@ -156,7 +162,7 @@ class CausalLMDataModule(L.LightningDataModule):
             "dataset": dataset,
         }
         given = [k for k, v in sources.items() if v is not None]
-        if len(given) != 1:
+        if len(given) > 1 or not given and prompts is None and prompts_file is None:
             raise ValueError(
                 f"Give exactly one data source, got {given or 'none'}: set one of --data.dataset_name "
                 "(hub), --data.data_files (local files), --data.corpus (built-in: "
@@ -179,6 +185,12 @@ class CausalLMDataModule(L.LightningDataModule):
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be at least 1.")
+        if prompts is not None and (
+            isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p for p in prompts)
+        ):
+            raise ValueError(f"prompts={prompts!r} is invalid: give a list of non-empty strings.")
+        if prompts is not None and prompts_file is not None:
+            raise ValueError("Set prompts or prompts_file, not both.")
         if isinstance(dataset, Dataset):
             dataset = DatasetDict({"train": dataset})
         if isinstance(data_files, str):
@@ -205,6 +217,9 @@ class CausalLMDataModule(L.LightningDataModule):
         self.map_batch_size = map_batch_size
         self.cache_root = Path(cache_dir) if cache_dir else _default_cache_root()
         self.seed = seed
+        self.has_source = bool(given)
+        self.prompts = prompts
+        self.prompts_file = prompts_file
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._tokenizer_path: str | None = tokenizer if isinstance(tokenizer, str) else None
         self.datasets: dict[str, Dataset] = {}
@@ -215,6 +230,11 @@ class CausalLMDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------- sources
     def load_raw(self) -> DatasetDict:
         """The source's text splits (``train``, ``validation``, and ``test`` when present)."""
+        if not self.has_source:
+            raise ValueError(
+                "No data source: set one of --data.dataset_name, --data.data_files or --data.corpus "
+                "(only predict works on prompts alone)."
+            )
         if self.dataset is not None:
             raw = self.dataset
         elif self.corpus is not None:
@@ -286,6 +306,8 @@ class CausalLMDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenize and pack every split into the on-disk cache, unless it is there already."""
+        if not self.has_source or self._predicting():
+            return
         raw = self.load_raw()
         path = self._cache_path(raw)
         if (path / "manifest.json").exists():
@@ -328,7 +350,7 @@ class CausalLMDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Memory-map the packed blocks from the cache (packing them first if absent)."""
-        if self.datasets:
+        if self.datasets or stage == "predict" or not self.has_source:
             return
         raw = self.load_raw()
         path = self._cache_path(raw)
@@ -341,6 +363,10 @@ class CausalLMDataModule(L.LightningDataModule):
             self.datasets[split] = ds.with_format("torch", columns=["input_ids"])
         self.cache_path = path
 
+    def _predicting(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and trainer.state.fn == "predict"
+
     # ----------------------------------------------------------------------------- loaders
     def _pin(self) -> bool:
         if self.pin_memory is not None:
@@ -350,6 +376,8 @@ class CausalLMDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
+            if not self.has_source:
+                self.load_raw()  # raises: there is nothing to load
             self.setup()
         if split not in self.datasets:
             raise ValueError(f"The data source has no {split!r} split; it has {list(self.datasets)}.")
@@ -389,6 +417,18 @@ class CausalLMDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test blocks, in order."""
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches (lists) of prompt strings from ``prompts`` or ``prompts_file``."""
+        prompts = self.prompts
+        if prompts is None:
+            if self.prompts_file is None:
+                raise ValueError(
+                    "predict needs prompts: set --data.prompts '[\"Once upon\", ...]' or "
+                    "--data.prompts_file FILE."
+                )
+            prompts = read_prompts(self.prompts_file)
+        return DataLoader(prompts, batch_size=self.eval_batch_size, shuffle=False, collate_fn=list)
 
 
 def _default_cache_root() -> Path:

@@ -169,6 +169,32 @@ def resolve_decoding(spec: str | DecodingConfig | Mapping[str, Any]) -> tuple[st
     return str(name), config
 
 
+def resolve_decodings(
+    specs: Sequence[str | DecodingConfig | Mapping[str, Any]] | str | DecodingConfig | Mapping[str, Any],
+    max_new_tokens: int | None = None,
+) -> list[tuple[str, DecodingConfig]]:
+    """Unique names and ``DecodingConfig``s for several decoding specs (see ``resolve_decoding``).
+
+    ``max_new_tokens``, when given, overrides the length of every one.
+    """
+    if isinstance(specs, (str, DecodingConfig, Mapping)):
+        specs = [specs]
+    if not specs:
+        raise ValueError("decodings=[] is invalid: give at least one preset name or DecodingConfig.")
+    resolved: list[tuple[str, DecodingConfig]] = []
+    for spec in specs:
+        name, decoding = resolve_decoding(spec)
+        if max_new_tokens is not None:
+            decoding = dataclasses.replace(decoding, max_new_tokens=max_new_tokens, max_length=None)
+        # Names key TensorBoard tags and JSONL lines, so two unnamed configs must not share one.
+        taken = {taken_name for taken_name, _ in resolved}
+        unique, n = name, 1
+        while unique in taken:
+            unique, n = f"{name}_{n}", n + 1
+        resolved.append((unique, decoding))
+    return resolved
+
+
 def _preset(name: str, setting: str) -> DecodingConfig:
     if name not in PRESETS:
         raise ValueError(f"{setting}={name!r} is not a preset: choose one of {sorted(PRESETS)}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from transformers import (
     get_scheduler,
 )
 
+from lm_lightning.generation import DecodingConfig, generate_texts, resolve_decodings
 from lm_lightning.loss import TokenNLL, causal_lm_nll
 from lm_lightning.tokenizer import load_tokenizer
 
@@ -63,6 +65,8 @@ class CausalLMModule(L.LightningModule):
         loss_chunk_size: Positions per chunk of the vocabulary projection in the loss; ``None`` for the
             full logits at once.
         export_dir: Save a Hugging Face folder (model and tokenizer) here at the end of fit.
+        predict_decodings: Decoding presets or settings that ``predict`` continues each prompt with;
+            default ``["greedy"]`` (see ``lm_lightning.generation.PRESETS``).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class CausalLMModule(L.LightningModule):
         warmup_ratio: float = 0.0,
         loss_chunk_size: int | None = 128,
         export_dir: str | None = None,
+        predict_decodings: list[str | DecodingConfig | dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if model_name_or_path is None and config_name is None and model_config is None:
@@ -104,6 +109,8 @@ class CausalLMModule(L.LightningModule):
             raise ValueError(f"warmup_ratio={warmup_ratio} must be in [0, 1).")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size={loss_chunk_size} must be a positive integer or None.")
+        # Resolved now, so that an invalid decoding fails before any model is loaded.
+        self.predict_decodings = resolve_decodings(predict_decodings or ["greedy"])
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -210,6 +217,16 @@ class CausalLMModule(L.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Accumulate the batch's token NLL for the test perplexity."""
         self.test_nll.update(*self._nll(batch))
+
+    def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:
+        """Continuations of a batch of prompts, one record per decoding and returned sequence."""
+        return [
+            dataclasses.asdict(sample)
+            for name, decoding in self.predict_decodings
+            for sample in generate_texts(
+                self.model, self._find_tokenizer(), batch, decoding, name, len(batch)
+            )
+        ]
 
     def _log_split(self, split: str, metric: TokenNLL) -> None:
         mean_nll = metric.compute()  # already summed over processes by torchmetrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,23 @@ def test_fit_validate_test_export_in_subprocesses(tmp_path, bpe_tokenizer_path, 
         )
         assert out.returncode == 0, out.stderr[-3000:]
         assert key in out.stdout
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The for statement\n\nA class definition\nimport os\n")
+    out_file = tmp_path / "out" / "predictions.jsonl"
+    predict = _run(
+        "predict", "--config", str(config), "--ckpt_path", str(ckpts[0]), "--data.prompts_file", str(prompts),
+        "--model.predict_decodings", '[greedy, {preset: top_k_top_p, max_new_tokens: 5}]',
+        "--predictions.output_path", str(out_file), cwd=tmp_path,
+    )  # fmt: skip
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    # 3 prompts x (1 greedy + 3 top_k_top_p return sequences)
+    assert len(records) == 12 and set(records[0]) == {"prompt", "preset", "index", "text", "num_new_tokens"}
+    assert {r["prompt"] for r in records} == {"The for statement", "A class definition", "import os"}
+    sampled = [r for r in records if r["preset"] != "greedy"]
+    assert len(sampled) == 9 and all(0 < r["num_new_tokens"] <= 5 for r in sampled)
+    assert sorted(r["index"] for r in sampled if r["prompt"] == "import os") == [0, 1, 2]
 
     export = _run("export", "--ckpt_path", str(ckpts[0]), "--output_dir", str(tmp_path / "hf"), cwd=tmp_path)
     assert export.returncode == 0, export.stderr[-3000:]
