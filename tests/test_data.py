@@ -266,6 +266,8 @@ def test_wikitext2_block_counts_with_the_real_gpt2_tokenizer(tmp_path):
         texts = pd.read_parquet(file)["text"].tolist()
         lengths = [len(x) for x in tokenizer(texts)["input_ids"]]
         ours, reference = len(dm.datasets[split]), _reference_group_texts_count(lengths, 512)
+        concatenated = [i for ids in tokenizer(texts)["input_ids"] for i in ids]
+        assert _blocks(dm, split).reshape(-1).tolist() == concatenated[: ours * 512]
         counts[split] = (sum(lengths), ours, reference)
         assert ours == sum(lengths) // 512
         assert reference < ours  # the reference loses up to a block per 1,000-row batch

@@ -188,3 +188,39 @@ def test_tokenizer_larger_than_embedding_fails(tmp_path, bpe_tokenizer_path, doc
     module = CausalLMModule(model_config={**TINY, "vocab_size": 100})
     with pytest.raises(ValueError, match=r"tokenizer has 512 tokens but the model's embedding has 100 rows"):
         _trainer(tmp_path, max_steps=1).fit(module, dm)
+
+
+def test_lr_schedule_warms_up_then_decays_per_optimizer_step(tmp_path, bpe_tokenizer_path, doc_texts):
+    dm = _datamodule(tmp_path, bpe_tokenizer_path, doc_texts, batch_size=8)
+    module = CausalLMModule(model_config=TINY, learning_rate=1e-3, warmup_steps=4, lr_scheduler="linear")
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = _trainer(tmp_path, max_steps=10, callbacks=[Record()], limit_val_batches=0)
+    trainer.fit(module, dm)
+    # Linear warm-up over 4 steps to 1e-3, then linear decay to 0 at step 10 (estimated_stepping_batches).
+    expected = [1e-3 * s / 4 for s in range(4)] + [1e-3 * (10 - s) / 6 for s in range(4, 10)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(bpe_tokenizer):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = CausalLMModule(
+            model_config={**TINY, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+            gradient_checkpointing=checkpointing,
+        )
+        module.tokenizer = bpe_tokenizer
+        module.configure_model()
+        assert module.model.is_gradient_checkpointing == checkpointing
+        ids = torch.randint(0, 512, (2, 32))
+        loss = module.training_step({"input_ids": ids}, 0)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in module.model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert torch.allclose(loss_a, loss_b)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b, strict=True))
