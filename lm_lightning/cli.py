@@ -64,7 +64,8 @@ class CausalLMCLI(LightningCLI):
         # Fails before any data is tokenized or any weights are loaded (the model's config only).
         tokenizer = self.datamodule.tokenizer
         config = self.model.build_config(tokenizer)
-        check_compatible(config, tokenizer, self.datamodule.block_size)
+        predicting = self.subcommand == "predict"
+        check_compatible(config, tokenizer, None if predicting else self.datamodule.block_size)
 
     before_fit = before_validate = before_test = before_predict = _check_model_data
 

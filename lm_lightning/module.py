@@ -162,7 +162,9 @@ class CausalLMModule(L.LightningModule):
         config = self.build_config(tokenizer)
         hp = self.hparams
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        check_compatible(config, tokenizer, getattr(datamodule, "block_size", None))
+        predicting = self._trainer is not None and self._trainer.state.fn == "predict"
+        # Prompts are not cut into blocks, so block_size only matters when training or evaluating.
+        check_compatible(config, tokenizer, None if predicting else getattr(datamodule, "block_size", None))
         kwargs: dict[str, Any] = {}
         if hp.dtype:
             kwargs["dtype"] = _DTYPES[hp.dtype]

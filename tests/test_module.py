@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lm_lightning import CausalLMDataModule, CausalLMModule
+from lm_lightning import PRESETS, CausalLMDataModule, CausalLMModule, generate_texts
 from lm_lightning.loss import causal_lm_nll
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
@@ -224,3 +224,23 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(bpe_tokenizer)
     (loss_a, grads_a), (loss_b, grads_b) = grads
     assert torch.allclose(loss_a, loss_b)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_predict_from_a_hf_folder_with_prompts_only(tmp_path, tiny_gpt2, bpe_tokenizer):
+    tiny_gpt2.save_pretrained(tmp_path / "hf")
+    bpe_tokenizer.save_pretrained(tmp_path / "hf")
+    hf = str(tmp_path / "hf")
+    prompts = ["The for statement", "import os", "class A:"]
+    data = CausalLMDataModule(tokenizer=hf, prompts=prompts, eval_batch_size=2, block_size=4096)  # no corpus
+    module = CausalLMModule(
+        model_name_or_path=hf, predict_decodings=["greedy", {"preset": "beam", "max_new_tokens": 7}]
+    )
+    batches = _trainer(tmp_path).predict(module, data)
+    records = [r for batch in batches for r in batch]
+    beam = "beam(max_new_tokens=7)"
+    first_batch = [("The for statement", "greedy"), ("import os", "greedy"), ("The for statement", beam)]
+    assert [(r["prompt"], r["preset"]) for r in records[:4]] == [*first_batch, ("import os", beam)]
+    expected = generate_texts(tiny_gpt2, bpe_tokenizer, prompts, PRESETS["greedy"], "greedy")
+    assert [r["text"] for r in records if r["preset"] == "greedy"] == [e.text for e in expected]
+    with pytest.raises(ValueError, match="No data source"):
+        data.train_dataloader()
