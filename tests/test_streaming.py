@@ -1,0 +1,133 @@
+"""Streaming: blocks packed on the fly, dealt to ranks and workers exactly, resumable mid-pass."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lm_lightning.data import CausalLMDataModule
+from lm_lightning.streaming import StreamingBlocks, stream_train_texts
+from lm_lightning.tokenizer import load_tokenizer
+
+BLOCK = 24
+
+
+@pytest.fixture(scope="module")
+def shard_files(tmp_path_factory, doc_texts) -> list[str]:
+    """Five Parquet files of uneven length: five shards."""
+    folder = tmp_path_factory.mktemp("shards")
+    files = []
+    for i, (start, stop) in enumerate([(0, 40), (40, 120), (120, 150), (150, 230), (230, 260)]):
+        path = folder / f"part-{i}.parquet"
+        pd.DataFrame({"text": doc_texts[start:stop]}).to_parquet(path, row_group_size=16)
+        files.append(str(path))
+    return files
+
+
+def _blocks(dataset_or_loader) -> list[tuple[int, ...]]:
+    out = []
+    for item in dataset_or_loader:
+        ids = item["input_ids"]
+        out += [tuple(row) for row in (ids.tolist() if ids.dim() == 2 else [ids.tolist()])]
+    return out
+
+
+def _stream(files, tokenizer, **kwargs) -> StreamingBlocks:
+    texts = stream_train_texts(None, None, {"train": str(files[0]).replace("part-0", "part-*")})
+    kwargs.setdefault("passes", 1)
+    return StreamingBlocks(texts, tokenizer, block_size=BLOCK, map_batch_size=7, **kwargs)
+
+
+def test_each_shard_is_packed_on_its_own_and_drops_at_most_one_partial_block(shard_files, bpe_tokenizer):
+    expected = []
+    for file in shard_files:
+        ids = [t for text in pd.read_parquet(file)["text"] for t in bpe_tokenizer(text)["input_ids"]]
+        expected += [tuple(ids[i : i + BLOCK]) for i in range(0, len(ids) // BLOCK * BLOCK, BLOCK)]
+    got = _blocks(_stream(shard_files, bpe_tokenizer))
+    assert _stream(shard_files, bpe_tokenizer).num_shards == 5
+    assert Counter(got) == Counter(expected) and len(got) == len(expected) > 100
+
+
+def test_two_ranks_times_two_workers_see_exactly_the_blocks_of_one_process(shard_files, bpe_tokenizer):
+    one_process = _blocks(_stream(shard_files, bpe_tokenizer))
+    per_rank = []
+    for rank in range(2):
+        stream = _stream(shard_files, bpe_tokenizer, rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
+        per_rank.append(_blocks(loader))
+    together = per_rank[0] + per_rank[1]
+    assert Counter(together) == Counter(one_process)  # none read twice, none skipped
+    assert per_rank[0] and per_rank[1]
+    # The shards really were dealt: rank 0 reads 3 of the 5 files, rank 1 the other 2.
+    ranks = [_stream(shard_files, bpe_tokenizer, rank=r, world_size=2) for r in range(2)]
+    dealt = [set(ranks[r].shards_of(0, w, 2)) for r in range(2) for w in range(2)]
+    assert sorted(len(d) for d in dealt) == [1, 1, 1, 2] and set().union(*dealt) == set(range(5))
+
+
+def test_passes_repeat_with_a_new_shard_order(shard_files, bpe_tokenizer):
+    stream = _stream(shard_files, bpe_tokenizer, passes=2, seed=3)
+    both = _blocks(stream)
+    half = len(both) // 2
+    assert Counter(both[:half]) == Counter(both[half:])  # each pass: every block once
+    assert stream.shards_of(0) != stream.shards_of(1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_pass_continues_with_the_next_block(shard_files, bpe_tokenizer, num_workers):
+    def loader():
+        stream = _stream(shard_files, bpe_tokenizer, passes=2)
+        return StatefulDataLoader(stream, batch_size=3, num_workers=num_workers)
+
+    uninterrupted = _blocks(loader())
+    first = loader()
+    it = iter(first)
+    head = _blocks(next(it) for _ in range(23))  # mid-shard and mid-batch of texts
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert head + _blocks(resumed) == uninterrupted
+
+
+def test_streaming_data_module_validation_is_cached_and_train_is_streamed(
+    tmp_path, shard_files, bpe_tokenizer_path
+):
+    valid = tmp_path / "valid.parquet"
+    pd.read_parquet(shard_files[1]).to_parquet(valid)
+    dm = CausalLMDataModule(
+        tokenizer=bpe_tokenizer_path,
+        data_files={"train": shard_files[0].replace("part-0", "part-*"), "validation": str(valid)},
+        block_size=BLOCK,
+        batch_size=4,
+        streaming=True,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    assert set(dm.datasets) == {"validation"}  # the train split was not loaded nor cached
+    loader = dm.train_dataloader()
+    assert isinstance(loader, StatefulDataLoader)
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (4, BLOCK) and batch["input_ids"].dtype == torch.long
+    tokenizer = load_tokenizer(bpe_tokenizer_path)
+    assert tokenizer.decode(batch["input_ids"][0]) in "".join(
+        t for f in shard_files for t in pd.read_parquet(f)["text"]
+    )
+
+
+def test_streaming_settings_that_cannot_work_fail_with_the_setting(tmp_path, shard_files, bpe_tokenizer_path):
+    dsd = DatasetDict({"train": Dataset.from_dict({"text": ["a b"] * 10})})
+    with pytest.raises(ValueError, match="streaming=True reads a hub dataset"):
+        CausalLMDataModule(tokenizer=bpe_tokenizer_path, dataset=dsd, streaming=True)
+    dm = CausalLMDataModule(
+        tokenizer=bpe_tokenizer_path, data_files=shard_files[0], streaming=True, cache_dir=str(tmp_path)
+    )
+    with pytest.raises(ValueError, match="needs a validation split"):
+        dm.prepare_data()
+    texts = stream_train_texts(None, None, {"train": shard_files[0]})
+    with pytest.raises(ValueError, match=r"1 shard\(s\) \(files\) for 2 processes"):
+        StreamingBlocks(texts, load_tokenizer(bpe_tokenizer_path), rank=0, world_size=2)
