@@ -31,7 +31,9 @@ def is_transformer_block_class(cls: type[nn.Module]) -> bool:
     if module is None:
         return False
     for _, obj in inspect.getmembers(module, inspect.isclass):
-        if issubclass(obj, PreTrainedModel) and cls.__name__ in (getattr(obj, "_no_split_modules", None) or []):
+        if issubclass(obj, PreTrainedModel) and cls.__name__ in (
+            getattr(obj, "_no_split_modules", None) or []
+        ):
             return True
     return False
 

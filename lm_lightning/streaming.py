@@ -194,8 +194,14 @@ def load_eval_splits(
 
 
 def stateful_loader(dataset: StreamingBlocks, **kwargs: Any) -> torch.utils.data.DataLoader:
-    """torchdata's ``StatefulDataLoader`` (its ``state_dict`` holds every worker's stream position, and
-    Lightning checkpoints it); a plain ``DataLoader``, which restarts the stream on resume, without it."""
+    """A loader whose ``state_dict`` Lightning checkpoints (every worker's stream position included).
+
+    torchdata's ``StatefulDataLoader``, reporting the position *before* the last batch it gave: Lightning's
+    training loop draws one batch ahead of the step it trains (``_PrefetchDataFetcher``, to know which
+    batch is last), so a checkpoint written after step ``k`` is taken when batch ``k + 1`` has been drawn
+    but not trained on; the loader's own position would skip it on resume. Without torchdata, a plain
+    ``DataLoader``, and a resumed fit restarts the stream.
+    """
     try:
         from torchdata.stateful_dataloader import StatefulDataLoader
     except ImportError:
@@ -205,4 +211,26 @@ def stateful_loader(dataset: StreamingBlocks, **kwargs: Any) -> torch.utils.data
             stacklevel=2,
         )
         return torch.utils.data.DataLoader(dataset, **kwargs)
-    return StatefulDataLoader(dataset, **kwargs)
+
+    class OneBatchBehindLoader(StatefulDataLoader):
+        def __iter__(self) -> Iterator[Any]:
+            iterator = super().__iter__()
+            self._before_last: dict | None = None
+
+            def batches() -> Iterator[Any]:
+                while True:
+                    state = StatefulDataLoader.state_dict(self)
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        return
+                    self._before_last = state
+                    yield batch
+
+            return batches()
+
+        def state_dict(self) -> dict[str, Any]:
+            before_last = getattr(self, "_before_last", None)
+            return before_last if before_last is not None else super().state_dict()
+
+    return OneBatchBehindLoader(dataset, **kwargs)

@@ -131,3 +131,68 @@ def test_streaming_settings_that_cannot_work_fail_with_the_setting(tmp_path, sha
     texts = stream_train_texts(None, None, {"train": shard_files[0]})
     with pytest.raises(ValueError, match=r"1 shard\(s\) \(files\) for 2 processes"):
         StreamingBlocks(texts, load_tokenizer(bpe_tokenizer_path), rank=0, world_size=2)
+
+
+def _streaming_fit(tmp_path, shard_files, tokenizer_path, max_steps, ckpt_path=None, callbacks=()):
+    import lightning as L
+
+    from lm_lightning import CausalLMModule
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    valid = tmp_path / "valid.parquet"
+    pd.read_parquet(shard_files[1]).to_parquet(valid)
+    data = CausalLMDataModule(
+        tokenizer=tokenizer_path,
+        data_files={"train": shard_files[0].replace("part-0", "part-*"), "validation": str(valid)},
+        block_size=BLOCK,
+        batch_size=4,
+        map_batch_size=7,
+        streaming=True,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    no_dropout = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": BLOCK, "resid_pdrop": 0.0}
+    no_dropout.update(embd_pdrop=0.0, attn_pdrop=0.0)
+    model = CausalLMModule(model_config=no_dropout, tokenizer=tokenizer_path, lr_scheduler="constant")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
+        default_root_dir=str(tmp_path),
+    )
+    L.seed_everything(0)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return model
+
+
+def test_streaming_fit_resumed_mid_pass_ends_with_the_uninterrupted_weights(
+    tmp_path, shard_files, bpe_tokenizer_path
+):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    uninterrupted = _streaming_fit(tmp_path / "a", shard_files, bpe_tokenizer_path, max_steps=6)
+    every_3 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    _streaming_fit(tmp_path / "b", shard_files, bpe_tokenizer_path, max_steps=3, callbacks=[every_3])
+    ckpt = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    resumed = _streaming_fit(
+        tmp_path / "c", shard_files, bpe_tokenizer_path, max_steps=6, ckpt_path=str(ckpt)
+    )
+    for a, b in zip(uninterrupted.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # Without the loader's state the stream restarts, steps 4-6 see blocks 1-12 again, and the weights differ.
+    state = torch.load(ckpt, weights_only=False)
+    del state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    torch.save(state, tmp_path / "no_loader_state.ckpt")
+    restarted = _streaming_fit(
+        tmp_path / "d",
+        shard_files,
+        bpe_tokenizer_path,
+        max_steps=6,
+        ckpt_path=str(tmp_path / "no_loader_state.ckpt"),
+    )
+    params = zip(restarted.model.parameters(), uninterrupted.model.parameters(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in params)
