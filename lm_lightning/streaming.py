@@ -101,6 +101,10 @@ class StreamingBlocks(IterableDataset):
 
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            # A forked worker must not use the Rust tokenizer's thread pool that the parent may have
+            # started (it deadlocks: huggingface/tokenizers#187); the workers are the parallelism here.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
         if worker == 0 and self.num_shards < self.world_size * num_workers:
             warnings.warn(
                 f"{self.num_shards} shard(s) for {self.world_size} rank(s) x {num_workers} DataLoader "

@@ -53,7 +53,12 @@ def test_each_shard_is_packed_on_its_own_and_drops_at_most_one_partial_block(sha
     assert Counter(got) == Counter(expected) and len(got) == len(expected) > 100
 
 
-def test_two_ranks_times_two_workers_see_exactly_the_blocks_of_one_process(shard_files, bpe_tokenizer):
+def test_two_ranks_times_two_workers_see_exactly_the_blocks_of_one_process(
+    shard_files, bpe_tokenizer, monkeypatch
+):
+    # As CausalLMDataModule sets it: the parent's Rust thread pool is used before the workers fork
+    # (they must not use it: regression test for a hang in the full suite).
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     one_process = _blocks(_stream(shard_files, bpe_tokenizer))
     per_rank = []
     for rank in range(2):
