@@ -7,8 +7,9 @@ conversion, and ``ru_maxrss`` is that size's own peak resident memory (imports i
 imports is reported beside it).
 
 Also measured, per size: the training loader alone (blocks/s through ``train_dataloader()``, batch 8,
-``num_workers=0``, tensors straight from the memory-mapped Arrow table), and, once, the time of one training
-step of the GPT-2 124M shape on this machine's CPU, to set the loader's speed against what training consumes.
+``num_workers=0``, tensors straight from the memory-mapped Arrow table), set against the blocks/s that a
+GPT-2 124M step consumes on an H100 at 45% MFU (from the FLOPs formula the training callback uses).
+``--step_batch N`` also times a training step of that model on this machine's CPU (slow: ~50 s per block).
 
     python bench/data_scale.py                        # prints the Markdown rows
     python bench/data_scale.py --append docs/benchmarks.md
