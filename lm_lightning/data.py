@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lm_lightning.corpus import BUILTIN_CORPORA, builtin_corpus
 from lm_lightning.prompts import read_prompts
+from lm_lightning.streaming import StreamingBlocks, load_eval_splits, stateful_loader, stream_train_texts
 from lm_lightning.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
 # Bumped whenever the on-disk block format changes, so old caches are not read.
@@ -128,6 +129,10 @@ class CausalLMDataModule(L.LightningDataModule):
         prompts: Prompts for ``predict``.
         prompts_file: A ``.txt`` (one prompt per line) or ``.jsonl`` (``prompt`` key) file of prompts for
             ``predict``.
+        streaming: Tokenize and pack the train split on the fly from a streamed ``IterableDataset`` (hub or
+            local files; nothing downloaded in full, nothing cached), shards dealt to ranks and workers
+            (``lm_lightning.streaming``). Repeats without end: train by ``--trainer.max_steps``. Needs a
+            validation split, which stays cached and map-style.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class CausalLMDataModule(L.LightningDataModule):
         seed: int = 42,
         prompts: list[str] | None = None,
         prompts_file: str | None = None,
+        streaming: bool = False,
     ) -> None:
         super().__init__()
         sources = {
@@ -191,6 +197,12 @@ class CausalLMDataModule(L.LightningDataModule):
             raise ValueError(f"prompts={prompts!r} is invalid: give a list of non-empty strings.")
         if prompts is not None and prompts_file is not None:
             raise ValueError("Set prompts or prompts_file, not both.")
+        if streaming and (dataset is not None or corpus is not None or train_tokenizer_vocab_size):
+            raise ValueError(
+                "streaming=True reads a hub dataset (--data.dataset_name) or local files (--data.data_files) "
+                "with a given tokenizer; in-memory datasets, built-in corpora and a tokenizer trained on the "
+                "train split need the whole split: set --data.streaming false."
+            )
         if isinstance(dataset, Dataset):
             dataset = DatasetDict({"train": dataset})
         if isinstance(data_files, str):
@@ -220,6 +232,7 @@ class CausalLMDataModule(L.LightningDataModule):
         self.has_source = bool(given)
         self.prompts = prompts
         self.prompts_file = prompts_file
+        self.streaming = streaming
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._tokenizer_path: str | None = tokenizer if isinstance(tokenizer, str) else None
         self.datasets: dict[str, Dataset] = {}
@@ -239,15 +252,22 @@ class CausalLMDataModule(L.LightningDataModule):
             raw = self.dataset
         elif self.corpus is not None:
             raw = DatasetDict({"train": builtin_corpus(self.corpus)})
+        elif self.streaming:  # the train split is streamed (stream_train_texts), not loaded
+            raw = load_eval_splits(self.dataset_name, self.dataset_config_name, self.data_files)
         elif self.data_files is not None:
             raw = _load_data_files(self.data_files)
         else:
             raw = load_dataset(self.dataset_name, self.dataset_config_name)
         raw = DatasetDict(raw)
-        if "train" not in raw:
+        if "train" not in raw and not self.streaming:
             raise ValueError(f"The data source has no 'train' split; its splits are {list(raw)}.")
         for split, ds in raw.items():
             _check_text_column(ds, self.text_column, split)
+        if "validation" not in raw and self.streaming:
+            raise ValueError(
+                "streaming=True needs a validation split in the source (a streamed train split cannot be "
+                "held out from): give --data.data_files.validation, or set --data.streaming false."
+            )
         if "validation" not in raw:
             held_out = raw["train"].train_test_split(
                 test_size=self.validation_split_percentage / 100, seed=self.seed, keep_in_memory=True
@@ -362,6 +382,10 @@ class CausalLMDataModule(L.LightningDataModule):
             ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
             self.datasets[split] = ds.with_format("torch", columns=["input_ids"])
         self.cache_path = path
+        if self.streaming:
+            self.train_texts = stream_train_texts(
+                self.dataset_name, self.dataset_config_name, self.data_files
+            )
 
     def _predicting(self) -> bool:
         trainer = self.trainer
@@ -375,6 +399,8 @@ class CausalLMDataModule(L.LightningDataModule):
         return bool(trainer is not None and trainer.strategy.root_device.type == "cuda")
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split == "train" and self.streaming:
+            return self._streaming_loader()
         if split not in self.datasets:
             if not self.has_source:
                 self.load_raw()  # raises: there is nothing to load
@@ -401,6 +427,34 @@ class CausalLMDataModule(L.LightningDataModule):
             shuffle=shuffle if sampler is None else None,
             sampler=sampler,
             generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self._pin(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _streaming_loader(self) -> DataLoader:
+        if not self.datasets:
+            self.setup()
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps == -1 and trainer.max_time is None:
+            raise ValueError(
+                "streaming=True repeats the train split without end (ranks stay in step under DDP): set "
+                "--trainer.max_steps, and an integer --trainer.val_check_interval to validate every N steps."
+            )
+        blocks = StreamingBlocks(
+            self.train_texts,
+            self.tokenizer,
+            text_column=self.text_column,
+            block_size=self.block_size,
+            eos_between_texts=self.eos_between_texts,
+            map_batch_size=self.map_batch_size,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            seed=self.seed,
+        )
+        return stateful_loader(
+            blocks,
+            batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self._pin(),
             persistent_workers=self.num_workers > 0,

@@ -21,6 +21,7 @@ from transformers import (
     get_scheduler,
 )
 
+from lm_lightning.flops import matmul_params, training_flops_per_batch
 from lm_lightning.generation import DecodingConfig, generate_texts, resolve_decodings
 from lm_lightning.loss import TokenNLL, causal_lm_nll
 from lm_lightning.tokenizer import load_tokenizer
@@ -116,6 +117,8 @@ class CausalLMModule(L.LightningModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.val_nll = TokenNLL()
         self.test_nll = TokenNLL()
+        self._n_matmul_params: int | None = None  # counted before FSDP or compile wrap the model
+        self._batch_shape: tuple[int, int] | None = None
 
     # ----------------------------------------------------------------------------- model
     def _find_tokenizer(self) -> PreTrainedTokenizerBase | None:
@@ -181,6 +184,7 @@ class CausalLMModule(L.LightningModule):
                 resolved.setdefault(key, getattr(config, key))
             self.hparams["model_config"] = resolved
         model.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps each module's mode
+        self._n_matmul_params = matmul_params(model)
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.compile:
@@ -203,6 +207,7 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Mean next-token loss of the batch."""
+        self._batch_shape = tuple(batch["input_ids"].shape)
         nll, n_tokens = self._nll(batch)
         loss = nll / n_tokens
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -212,8 +217,20 @@ class CausalLMModule(L.LightningModule):
             )
         return loss
 
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Model FLOPs of the last batch on this device, for ``LMThroughputMonitor``.
+
+        Forward and backward in training; the forward third of it in validation.
+        """
+        if self.model is None or self._batch_shape is None:
+            return None
+        flops = training_flops_per_batch(self.model.config, *self._batch_shape, self._n_matmul_params)
+        return flops if self.training else flops // 3
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Accumulate the batch's token NLL for the epoch's perplexity."""
+        self._batch_shape = tuple(batch["input_ids"].shape)
         self.val_nll.update(*self._nll(batch))
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

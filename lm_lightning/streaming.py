@@ -1,0 +1,240 @@
+"""Training blocks tokenized and packed on the fly from a streamed corpus (no download, no cache).
+
+``StreamingBlocks`` reads a ``datasets.IterableDataset`` of texts one shard (file) at a time and packs each
+shard into ``block_size`` blocks with :class:`~lm_lightning.data.BlockPacker`. Shards are dealt out
+whole: to DDP ranks as ``datasets.distributed.split_dataset_by_node(strategy="shards")`` deals them
+(rank ``r`` of ``R`` gets every ``R``-th shard), then to the rank's DataLoader workers the way ``datasets``
+deals shards to workers. Each shard is packed on its own, so every process of every rank sees a disjoint
+set of whole shards and, together, exactly the blocks that one process reading every shard sees: no block
+is read twice or skipped within a pass. The price: each shard drops at most one partial block at its end
+(one block per file, not per 1,000 texts as the reference ``group_texts`` does).
+
+The stream repeats (pass 0, 1, 2, ...; the shard order is reshuffled each pass from ``seed``), so ranks
+whose shards hold fewer blocks never run dry while the others still train (a finite stream of uneven
+length per rank would hang DDP at the next gradient all-reduce): train by ``trainer.max_steps``.
+
+The position (pass, shard, the source's own ``state_dict`` before the current batch of texts, the carried
+tokens, blocks already given) is this dataset's ``state_dict``, which torchdata's ``StatefulDataLoader``
+collects from every worker and Lightning stores in the checkpoint: a fit resumed mid-pass continues with
+the next block.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import IterableDataset as HFIterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
+from transformers import PreTrainedTokenizerBase
+
+
+class StreamingBlocks(IterableDataset):
+    """Packed ``{"input_ids": LongTensor[block_size]}`` blocks from a stream of texts.
+
+    Args:
+        texts: A ``datasets.IterableDataset`` with a text column (``load_dataset(..., streaming=True)``).
+        tokenizer: A fast tokenizer.
+        text_column: The column holding the text.
+        block_size: Tokens per block.
+        eos_between_texts: Insert the EOS token after each non-empty text.
+        map_batch_size: Texts tokenized together.
+        rank: This process's global rank.
+        world_size: Number of processes (DDP ranks).
+        seed: Seed of the per-pass shard order.
+        passes: Passes over the corpus; ``None`` repeats without end (training).
+    """
+
+    def __init__(
+        self,
+        texts: HFIterableDataset,
+        tokenizer: PreTrainedTokenizerBase,
+        text_column: str = "text",
+        block_size: int = 1024,
+        eos_between_texts: bool = False,
+        map_batch_size: int = 1000,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 42,
+        passes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not in [0, world_size={world_size}).")
+        if texts.num_shards < world_size:
+            raise ValueError(
+                f"The streamed corpus has {texts.num_shards} shard(s) (files) for {world_size} processes: "
+                "some ranks would get no data. Split the corpus into at least as many files as processes (a "
+                "multiple of it balances the ranks), or set --data.streaming false."
+            )
+        self.texts = texts
+        self.tokenizer = tokenizer
+        self.text_column = text_column
+        self.block_size = block_size
+        self.eos_between_texts = eos_between_texts
+        self.map_batch_size = map_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.passes = passes
+        self._state: dict[str, Any] | None = None
+        self._resume: dict[str, Any] | None = None
+
+    @property
+    def num_shards(self) -> int:
+        """Shards (files) in the whole corpus."""
+        return self.texts.num_shards
+
+    def shards_of(self, pass_index: int, worker: int = 0, num_workers: int = 1) -> list[int]:
+        """The shards that this rank's ``worker`` reads in pass ``pass_index``, in order."""
+        order = np.random.default_rng([self.seed, pass_index]).permutation(self.num_shards).tolist()
+        return order[self.rank :: self.world_size][worker::num_workers]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from lm_lightning.data import BlockPacker
+
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            # A forked worker must not use the Rust tokenizer's thread pool that the parent may have
+            # started (it deadlocks: huggingface/tokenizers#187); the workers are the parallelism here.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        if worker == 0 and self.num_shards < self.world_size * num_workers:
+            warnings.warn(
+                f"{self.num_shards} shard(s) for {self.world_size} rank(s) x {num_workers} DataLoader "
+                "workers: some workers have no shard and stay idle. Split the corpus into more files, or "
+                "lower --data.num_workers.",
+                stacklevel=2,
+            )
+        packer = BlockPacker(self.tokenizer, self.text_column, self.block_size, self.eos_between_texts)
+        start = self._resume or {"pass": 0, "shard": 0, "source": None, "carry": [], "given": 0}
+        self._resume = None
+        pass_index = start["pass"]
+        while self.passes is None or pass_index < self.passes:
+            shards = self.shards_of(pass_index, worker, num_workers)
+            first = start["shard"] if pass_index == start["pass"] else 0
+            for position in range(first, len(shards)):
+                resuming = pass_index == start["pass"] and position == start["shard"]
+                source = self.texts.shard(num_shards=self.num_shards, index=shards[position])
+                if resuming and start["source"] is not None:
+                    source.load_state_dict(start["source"])
+                packer.carry = np.asarray(start["carry"] if resuming else [], dtype=np.int32)
+                skip = start["given"] if resuming else 0
+                before: dict | None = start["source"] if resuming else None
+                for batch in source.iter(batch_size=self.map_batch_size):
+                    carry_before = packer.carry.tolist()
+                    blocks = packer(batch)["input_ids"]  # (n, block_size) int32
+                    for i in range(skip, len(blocks)):
+                        self._state = {
+                            "pass": pass_index,
+                            "shard": position,
+                            "source": before,
+                            "carry": carry_before,
+                            "given": i + 1,
+                        }
+                        yield {"input_ids": torch.from_numpy(blocks[i].astype(np.int64))}
+                    skip = 0
+                    before = source.state_dict()  # the source's position after this batch of texts
+                # The shard's last partial block (packer.carry) is dropped here: shards are packed apart.
+            pass_index += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: after the last block given."""
+        return dict(self._state) if self._state is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the next iteration with the block after the one ``state_dict`` was taken at."""
+        self._resume = dict(state_dict) if state_dict else None
+
+
+# --------------------------------------------------------------------------------- sources and loader
+def stream_train_texts(
+    dataset_name: str | None, dataset_config_name: str | None, data_files: dict[str, str] | None
+) -> HFIterableDataset:
+    """The train split as a ``datasets.IterableDataset``: read lazily, one shard (file) at a time."""
+    from datasets import load_dataset
+
+    if data_files is None:
+        return load_dataset(dataset_name, dataset_config_name, split="train", streaming=True)
+    from lm_lightning.data import _BUILDERS
+
+    pattern = data_files["train"]
+    if "://" not in pattern and not glob.glob(os.path.expanduser(pattern)):
+        raise FileNotFoundError(
+            f"data_files['train']={pattern!r}: no such file. Give an existing path or glob."
+        )
+    builder = _BUILDERS.get(Path(pattern.split("::")[0]).suffix.lower())
+    if builder is None:
+        raise ValueError(
+            f"data_files['train']={pattern!r}: unsupported file type; use one of {sorted(_BUILDERS)}."
+        )
+    kwargs = {"keep_linebreaks": True} if builder == "text" else {}
+    return load_dataset(builder, data_files={"train": pattern}, split="train", streaming=True, **kwargs)
+
+
+def load_eval_splits(
+    dataset_name: str | None, dataset_config_name: str | None, data_files: dict[str, str] | None
+):
+    """The source's ``validation`` and ``test`` splits, map-style; the train split is not touched."""
+    from datasets import DatasetDict, get_dataset_split_names, load_dataset
+
+    if data_files is not None:
+        from lm_lightning.data import _load_data_files
+
+        if "train" not in data_files:
+            raise ValueError(f"data_files has no 'train' split; its splits are {list(data_files)}.")
+        files = {k: v for k, v in data_files.items() if k != "train"}
+        return _load_data_files(files) if files else DatasetDict()
+    splits = [
+        s for s in get_dataset_split_names(dataset_name, dataset_config_name) if s in ("validation", "test")
+    ]
+    return DatasetDict({s: load_dataset(dataset_name, dataset_config_name, split=s) for s in splits})
+
+
+def stateful_loader(dataset: StreamingBlocks, **kwargs: Any) -> torch.utils.data.DataLoader:
+    """A loader whose ``state_dict`` Lightning checkpoints (every worker's stream position included).
+
+    torchdata's ``StatefulDataLoader``, reporting the position *before* the last batch it gave: Lightning's
+    training loop draws one batch ahead of the step it trains (``_PrefetchDataFetcher``, to know which
+    batch is last), so a checkpoint written after step ``k`` is taken when batch ``k + 1`` has been drawn
+    but not trained on; the loader's own position would skip it on resume. Without torchdata, a plain
+    ``DataLoader``, and a resumed fit restarts the stream.
+    """
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError:
+        warnings.warn(
+            "torchdata is not installed: a resumed streaming fit restarts the stream from its beginning. "
+            "pip install torchdata to resume mid-pass.",
+            stacklevel=2,
+        )
+        return torch.utils.data.DataLoader(dataset, **kwargs)
+
+    class OneBatchBehindLoader(StatefulDataLoader):
+        def __iter__(self) -> Iterator[Any]:
+            iterator = super().__iter__()
+            self._before_last: dict | None = None
+
+            def batches() -> Iterator[Any]:
+                while True:
+                    state = StatefulDataLoader.state_dict(self)
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        return
+                    self._before_last = state
+                    yield batch
+
+            return batches()
+
+        def state_dict(self) -> dict[str, Any]:
+            before_last = getattr(self, "_before_last", None)
+            return before_last if before_last is not None else super().state_dict()
+
+    return OneBatchBehindLoader(dataset, **kwargs)
