@@ -16,13 +16,19 @@ import lightning as L
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lm_lightning.corpus import BUILTIN_CORPORA, builtin_corpus
 from lm_lightning.prompts import read_prompts
 from lm_lightning.streaming import StreamingBlocks, load_eval_splits, stateful_loader, stream_train_texts
-from lm_lightning.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from lm_lightning.tokenizer import (
+    load_tokenizer,
+    tokenizer_files_fingerprint,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
 
 # Bumped whenever the on-disk block format changes, so old caches are not read.
 CACHE_FORMAT_VERSION = 1
@@ -53,13 +59,8 @@ class BlockPacker:
         block_size: int,
         eos_between_texts: bool,
     ) -> None:
-        from tokenizers import Tokenizer
-
-        # A private copy of the Rust tokenizer without truncation or padding: a tokenizer.json that
-        # enables truncation would otherwise cut long texts silently.
-        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self.backend.no_truncation()
-        self.backend.no_padding()
+        # The tokenizer's own Rust backend, copied only when it would truncate or pad (see ``_encoder``).
+        self.backend = tokenizer.backend_tokenizer
         self.text_column = text_column
         self.block_size = block_size
         self.eos_id = tokenizer.eos_token_id if eos_between_texts else None
@@ -70,7 +71,7 @@ class BlockPacker:
     def __call__(self, batch: dict[str, list]) -> dict[str, np.ndarray]:
         texts = batch[self.text_column]
         # encode_batch_fast skips the character offsets that nothing here uses.
-        ids = [enc.ids for enc in self.backend.encode_batch_fast(texts)]
+        ids = [enc.ids for enc in self._encoder().encode_batch_fast(texts)]
         if self.eos_id is not None:
             ids = [x + [self.eos_id] for x in ids if x]
         total = sum(map(len, ids))
@@ -82,9 +83,23 @@ class BlockPacker:
         self.carry = tokens[cut:].copy()
         return {"input_ids": tokens[:cut].reshape(n_blocks, self.block_size)}
 
+    def _encoder(self) -> Tokenizer:
+        """The Rust tokenizer, never truncating or padding.
+
+        A tokenizer.json may enable truncation, and a call such as ``tokenizer(..., truncation=True)``
+        leaves it enabled on the shared backend: either would cut long texts silently. Then a private
+        copy is made; otherwise the shared backend is used as is, because a copy costs a JSON round
+        trip (about 0.5 s for GPT-2's 3.5 MB tokenizer.json).
+        """
+        if self.backend.truncation is not None or self.backend.padding is not None:
+            self.backend = Tokenizer.from_str(self.backend.to_str())
+            self.backend.no_truncation()
+            self.backend.no_padding()
+        return self.backend
+
     def count_tokens(self, texts: list[str]) -> int:
         """Number of tokens ``texts`` give, EOS separators included."""
-        ids = [enc.ids for enc in self.backend.encode_batch_fast(texts)]
+        ids = [enc.ids for enc in self._encoder().encode_batch_fast(texts)]
         return sum(len(x) + (self.eos_id is not None and bool(x)) for x in ids)
 
 
@@ -236,6 +251,8 @@ class CausalLMDataModule(L.LightningDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._tokenizer_path: str | None = tokenizer if isinstance(tokenizer, str) else None
         self.datasets: dict[str, Dataset] = {}
+        self._blocks_path: Path | None = None
+        self._raw: DatasetDict | None = None  # the source, when loading it was needed for the cache key
         # Many tokenizer processes already use the cores: keep each single-threaded (and silent when
         # DataLoader workers fork). One process: let the Rust tokenizer use all cores.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if self.num_proc > 1 else "true")
@@ -269,8 +286,12 @@ class CausalLMDataModule(L.LightningDataModule):
                 "held out from): give --data.data_files.validation, or set --data.streaming false."
             )
         if "validation" not in raw:
+            # keep_in_memory only without cache files: datasets 5.2 then also names an indices cache file
+            # for a file-backed split and raises "use either keep_in_memory or indices_cache_file_name".
             held_out = raw["train"].train_test_split(
-                test_size=self.validation_split_percentage / 100, seed=self.seed, keep_in_memory=True
+                test_size=self.validation_split_percentage / 100,
+                seed=self.seed,
+                keep_in_memory=not raw["train"].cache_files,
             )
             raw["train"], raw["validation"] = held_out["train"], held_out["test"]
         return DatasetDict({k: raw[k] for k in ("train", "validation", "test") if k in raw})
@@ -311,27 +332,48 @@ class CausalLMDataModule(L.LightningDataModule):
         return self._block_size
 
     # ----------------------------------------------------------------------------- cache
-    def _cache_path(self, raw: DatasetDict) -> Path:
-        key = _hash(
-            [
-                CACHE_FORMAT_VERSION,
-                {split: ds._fingerprint for split, ds in raw.items()},
-                tokenizer_fingerprint(self.tokenizer),
-                self.text_column,
-                self.block_size,
-                self.eos_between_texts,
-            ]
-        )
-        return self.cache_root / "blocks" / key
+    def _cache_path(self) -> Path:
+        """The cache folder of this module's blocks, keyed by the source, the tokenizer and the packing.
+
+        Local files are keyed by path, size and modification time (what ``datasets`` keys them by) and a
+        tokenizer folder by its files' bytes, so a warm start reads neither the texts nor the tokenizer.
+        Other sources are keyed by their ``datasets`` fingerprint, which needs them loaded (kept for
+        ``prepare_data`` in ``_raw``); a tokenizer object by its serialised form.
+        """
+        if self._blocks_path is None:
+            source: Any = _local_files_fingerprint(self.data_files) if self.data_files else None
+            if source is None:
+                self._raw = self.load_raw()
+                source = {split: ds._fingerprint for split, ds in self._raw.items()}
+            elif "validation" not in self.data_files:  # the held-out rows depend on these
+                source = [source, self.validation_split_percentage, self.seed]
+            if isinstance(self.tokenizer_spec, str) and os.path.isdir(self.tokenizer_spec):
+                tokenizer_key = tokenizer_files_fingerprint(self.tokenizer_spec)
+            else:
+                tokenizer_key = tokenizer_fingerprint(self.tokenizer)
+            key = _hash(
+                [
+                    CACHE_FORMAT_VERSION,
+                    source,
+                    tokenizer_key,
+                    self.text_column,
+                    self.block_size,
+                    self.eos_between_texts,
+                ]
+            )
+            self._blocks_path = self.cache_root / "blocks" / key
+        return self._blocks_path
 
     def prepare_data(self) -> None:
         """Tokenize and pack every split into the on-disk cache, unless it is there already."""
         if not self.has_source or self._predicting():
             return
-        raw = self.load_raw()
-        path = self._cache_path(raw)
+        path = self._cache_path()
+        raw, self._raw = self._raw, None  # not kept: the module holds only the packed blocks
         if (path / "manifest.json").exists():
             return
+        if raw is None:
+            raw = self.load_raw()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
         try:
@@ -372,10 +414,10 @@ class CausalLMDataModule(L.LightningDataModule):
         """Memory-map the packed blocks from the cache (packing them first if absent)."""
         if self.datasets or stage == "predict" or not self.has_source:
             return
-        raw = self.load_raw()
-        path = self._cache_path(raw)
+        path = self._cache_path()
         if not (path / "manifest.json").exists():
             self.prepare_data()
+        self._raw = None
         manifest = json.loads((path / "manifest.json").read_text())
         for split, info in manifest["splits"].items():
             parts = [Dataset.from_file(str(path / f)) for f in info["files"]]
@@ -493,6 +535,24 @@ def _default_cache_root() -> Path:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _local_files_fingerprint(data_files: dict[str, str]) -> dict[str, list] | None:
+    """Per split, each file's absolute path, size and modification time; ``None`` unless all are local.
+
+    This is how ``datasets`` fingerprints local data files, so an edited file gives another cache key.
+    Patterns matching nothing give ``None`` too: loading the source then raises the clear error.
+    """
+    files = {}
+    for split, pattern in data_files.items():
+        if "://" in pattern:
+            return None
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            return None
+        stats = [(os.path.abspath(m), os.stat(m)) for m in matches]
+        files[split] = [[path, st.st_size, st.st_mtime_ns] for path, st in stats]
+    return files
 
 
 def _load_data_files(data_files: dict[str, str]) -> DatasetDict:

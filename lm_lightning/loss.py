@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ def causal_lm_nll(
     Position ``t`` predicts ``labels[:, t + 1]``; label ``-100`` is not a target. A packed block of
     ``T`` tokens therefore has ``T - 1`` targets. With ``chunk_size``, the vocabulary projection and
     the loss run over ``chunk_size`` positions at a time in float32, so the full ``(B, T, V)`` float32
-    logits (the usual evaluation OOM, transformers #15466) never exist at once.
+    logits (the usual evaluation OOM, transformers #15466) never exist at once, in evaluation or, since
+    the gradients are computed chunk by chunk too, in training.
     """
     if labels is None:
         labels = input_ids
@@ -57,14 +59,58 @@ def causal_lm_nll(
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
     hidden = hidden[:, :-1]  # (B, T-1, C): the positions that have a target
     head = model.get_output_embeddings()
-    nll = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.size(1), chunk_size):
-        logits = head(hidden[:, start : start + chunk_size]).float()  # (B, chunk, V)
-        chunk_targets = targets[:, start : start + chunk_size]
-        nll = nll + F.cross_entropy(
-            logits.flatten(0, 1), chunk_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+    nll = _LinearCrossEntropy.apply(
+        hidden.flatten(0, 1), head.weight, head.bias, targets.flatten(), hidden.size(0) * chunk_size
+    )
     return nll, n_targets
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of ``cross_entropy(hidden @ weight.T + bias, targets)``, ``chunk_rows`` rows at a time.
+
+    When gradients are needed they are computed in the forward pass, chunk by chunk (the gradient of the
+    summed loss with respect to the logits is ``softmax - one_hot``), so no chunk's float32 logits outlive
+    it: the ``(N, V)`` logits are neither materialised nor kept for the backward pass, in training as in
+    evaluation. The backward pass only scales the stored gradients. The same matmuls as the plain path
+    (the idea of Liger-Kernel's fused linear cross-entropy), with less memory traffic.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int
+    ) -> Tensor:
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h, t = hidden[rows], targets[rows]  # (n, C), (n,)
+            logits = F.linear(h, weight, bias).float()  # (n, V)
+            valid = t != IGNORE_INDEX
+            t = torch.where(valid, t, 0)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+            if need_hidden or need_weight or need_bias:
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
+                grad_logits.scatter_add_(1, t[:, None], -valid[:, None].to(grad_logits.dtype))
+                grad_logits = grad_logits.mul_(valid[:, None]).to(h.dtype)
+                if need_hidden:
+                    grad_hidden[rows] = grad_logits @ weight
+                if need_weight:
+                    grad_weight += grad_logits.t() @ h
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+        ctx.needs = (need_hidden, need_weight, need_bias)
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_total if needed else None for needed in ctx.needs]
+        return (*grads, None, None)
 
 
 class TokenNLL(Metric):

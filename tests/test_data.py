@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,60 @@ def test_local_files_of_each_type(tmp_path, bpe_tokenizer_path, doc_texts, fmt):
     tokenizer = load_tokenizer(bpe_tokenizer_path)
     ids = _reference_ids(tokenizer, frames["validation"])
     assert _blocks(dm, "validation").reshape(-1).tolist() == ids[: len(ids) // 16 * 16]
+
+
+def test_warm_setup_reads_neither_the_texts_nor_the_tokenizer(
+    tmp_path, bpe_tokenizer_path, doc_texts, monkeypatch
+):
+    path = tmp_path / "train.txt"
+    path.write_text("".join(doc_texts[:200]))
+    dm = _dm(tmp_path, tokenizer=bpe_tokenizer_path, data_files=str(path), block_size=16)
+    dm.setup("fit")
+    first = _blocks(dm, "train")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a warm start loaded the source or the tokenizer")
+
+    monkeypatch.setattr(CausalLMDataModule, "load_raw", forbidden)
+    monkeypatch.setattr("lm_lightning.data.load_tokenizer", forbidden)
+    dm2 = _dm(tmp_path, tokenizer=bpe_tokenizer_path, data_files=str(path), block_size=16)
+    dm2.prepare_data()
+    dm2.setup("fit")
+    assert np.array_equal(_blocks(dm2, "train"), first)
+    assert len(dm2.datasets["validation"]) > 0  # the held-out split came from the cache too
+
+
+def test_edited_source_file_is_packed_again(tmp_path, bpe_tokenizer_path, doc_texts):
+    # Regression: the cache key of local files is their path, size and modification time, not their text.
+    path = tmp_path / "train.txt"
+    path.write_text("".join(doc_texts[:200]))
+    dm = _dm(tmp_path, tokenizer=bpe_tokenizer_path, data_files=str(path), block_size=16)
+    dm.setup("fit")
+    before = path.stat()
+    path.write_text("".join(doc_texts[200:400]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    dm2 = _dm(tmp_path, tokenizer=bpe_tokenizer_path, data_files=str(path), block_size=16)
+    dm2.setup("fit")
+    tokenizer = load_tokenizer(bpe_tokenizer_path)
+    raw = dm2.load_raw()
+    ids = _reference_ids(tokenizer, raw["validation"]["text"])
+    assert dm2.cache_path != dm.cache_path
+    assert _blocks(dm2, "validation").reshape(-1).tolist() == ids[: len(ids) // 16 * 16]
+
+
+def test_packing_ignores_truncation_left_on_the_tokenizer(tmp_path, bpe_tokenizer_path, doc_texts):
+    # Regression: the packer shares the tokenizer's Rust backend, on which a call with truncation=True
+    # leaves truncation enabled; long texts must still be packed whole.
+    tokenizer = load_tokenizer(bpe_tokenizer_path)
+    long_text = "".join(doc_texts[:50])
+    tokenizer(long_text, truncation=True, max_length=8)
+    assert tokenizer.backend_tokenizer.truncation is not None
+    dsd = DatasetDict({"train": Dataset.from_dict({"text": [long_text] * 4})})
+    dm = _dm(tmp_path, tokenizer=tokenizer, dataset=dsd, validation_split_percentage=50, block_size=16)
+    dm.setup("fit")
+    ids = load_tokenizer(bpe_tokenizer_path)(long_text)["input_ids"]
+    assert len(ids) > 64
+    assert len(dm.datasets["train"]) == 2 * len(ids) // 16
 
 
 def test_trained_tokenizer_is_cached(tmp_path, doc_texts):

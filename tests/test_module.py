@@ -119,6 +119,61 @@ def test_chunked_loss_equals_full_logits_loss(tiny_gpt2, family):
     assert torch.allclose(full / n_full, hf_loss, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_chunked_loss_gradients_equal_full_logits_gradients(tiny_gpt2, family):
+    # The chunked loss computes its gradients in the forward pass; they must be those of the plain loss,
+    # through tied embeddings (gpt2) and untied heads (llama) alike, with ignored labels.
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = tiny_gpt2
+    else:
+        config = LlamaConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 40))
+    labels = ids.clone()
+    labels[1, 10:20] = -100
+
+    def grads(chunk_size):
+        model.zero_grad(set_to_none=True)
+        nll, n = causal_lm_nll(model, ids, labels, chunk_size=chunk_size)
+        (nll / n).backward()
+        return nll.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    full_nll, full = grads(None)
+    chunked_nll, chunked = grads(7)
+    assert torch.allclose(full_nll, chunked_nll, rtol=1e-5)
+    assert full.keys() == chunked.keys() and len(full) == len(list(model.parameters()))
+    for name in full:
+        assert torch.allclose(full[name], chunked[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_chunked_linear_cross_entropy_with_bias_matches_autograd():
+    from lm_lightning.loss import _LinearCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    targets[3] = -100
+    expected = F.cross_entropy(hidden @ weight.t() + bias, targets, ignore_index=-100, reduction="sum")
+    want = torch.autograd.grad(expected * 0.5, (hidden, weight, bias))
+    got_loss = _LinearCrossEntropy.apply(hidden, weight, bias, targets, 5)
+    got = torch.autograd.grad(got_loss * 0.5, (hidden, weight, bias))
+    assert torch.allclose(got_loss, expected, rtol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_weight_decay_groups(bpe_tokenizer):
     module = CausalLMModule(model_config=TINY, tokenizer=None, weight_decay=0.05)
     module.tokenizer = bpe_tokenizer
