@@ -17,8 +17,9 @@ import torch
 from lm_lightning.checkpointing import find_last_checkpoint, read_checkpoint_hparams
 
 DEBUG_ENV = "LM_LIGHTNING_DEBUG"
-# The keys of CausalLMModule's hyper-parameters that decide the shapes of its weights.
-_ARCHITECTURE_KEYS = ("model_name_or_path", "config_name")
+# Hyper-parameters that every CausalLMModule checkpoint holds.
+_MODULE_KEYS = {"model_name_or_path", "model_config", "loss_chunk_size"}
+_PACKAGE = str(Path(__file__).parent)
 
 
 class RunError(ValueError):
@@ -88,48 +89,56 @@ def resolve_best(last: Path | None, monitor: str | None) -> Path:
     raise RunError(f"--ckpt_path best: {str(last)!r} records no existing best checkpoint on {monitor!r}.")
 
 
-def check_checkpoint(path: str | os.PathLike, model_hparams: dict[str, Any]) -> None:
-    """Fail when ``path`` is missing, not a Lightning checkpoint, or not one of the configured model."""
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Fail when ``path`` is missing, or is not a Lightning checkpoint of a ``CausalLMModule``.
+
+    The model's settings then come from the checkpoint (LightningCLI applies its hyper-parameters over the
+    config), so its weights always fit the model that is built.
+    """
     hparams = read_checkpoint_hparams(path)
-    if "loss_chunk_size" not in hparams or "model_config" not in hparams:
+    if not set(hparams) >= _MODULE_KEYS:
         raise RunError(
             f"--ckpt_path={str(path)!r} is a Lightning checkpoint but not of a CausalLMModule (its "
             f"hyper-parameters are {sorted(hparams) or 'empty'}). Give a checkpoint written by "
             "lm_lightning fit."
         )
-    for key in _ARCHITECTURE_KEYS:
-        given, saved = model_hparams.get(key), hparams.get(key)
-        if given != saved:
-            raise RunError(
-                f"--ckpt_path={str(path)!r} holds a model with {key}={saved!r}, but the config gives "
-                f"--model.{key}={given!r}: set it to {saved!r} or give a checkpoint of this model."
-            )
-    saved_config = hparams.get("model_config") or {}
-    for key, given in (model_hparams.get("model_config") or {}).items():
-        if key in saved_config and saved_config[key] != given:
-            raise RunError(
-                f"--ckpt_path={str(path)!r} holds a model with model_config.{key}={saved_config[key]!r}, but "
-                f"the config gives --model.model_config.{key}={given!r}: the weights would not fit. Use the "
-                "config the checkpoint was trained with."
-            )
 
 
 def is_user_error(err: BaseException) -> bool:
-    """A settings error from lm_lightning's own checks (printed as one paragraph) rather than a bug."""
+    """A settings error (printed as one paragraph) rather than a bug: raised by lm_lightning's own checks,
+    or by jsonargparse when one of our classes refused a value while it instantiated them."""
     if isinstance(err, RunError):
         return True
     if not isinstance(err, ValueError | FileNotFoundError):
         return False
     frames = traceback.extract_tb(err.__traceback__)
-    package = str(Path(__file__).parent)
-    return bool(frames) and frames[-1].filename.startswith(package)
+    if not frames:
+        return False
+    return frames[-1].filename.startswith(_PACKAGE) or (
+        f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename and bool(_our_reasons(str(err)))
+    )
+
+
+def _our_reasons(message: str) -> list[str]:
+    """The reasons our own classes gave, from jsonargparse's nested 'does not validate' message."""
+    reasons = []
+    for line in message.splitlines():
+        reason = line.strip().removeprefix("- ")
+        ours = any(words in reason for words in (" is invalid", " must be ", " is unknown", " is not a "))
+        if ours and reason not in reasons:
+            reasons.append(reason)
+    return reasons
 
 
 def report_and_exit(err: BaseException, code: int) -> None:
     """Print ``err`` as one paragraph (its traceback with ``LM_LIGHTNING_DEBUG=1``) and exit with ``code``."""
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         traceback.print_exception(err)
-    print(f"error: {err}", file=sys.stderr)
+    frames = traceback.extract_tb(err.__traceback__)
+    message = str(err)
+    if frames and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename:
+        message = " ".join(_our_reasons(message)) or message
+    print(f"error: {message}", file=sys.stderr)
     if os.environ.get(DEBUG_ENV, "") in ("", "0"):
         print(f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
     raise SystemExit(code)

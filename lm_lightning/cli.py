@@ -59,29 +59,33 @@ class CausalLMCLI(LightningCLI):
     def _config(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 
-    def before_instantiate_classes(self) -> None:
-        """Turn ``--ckpt_path last``/``best`` into a file of an earlier run (Lightning looks in the new)."""
-        config = self._config()
-        ckpt_path = config.get("ckpt_path") if self.subcommand else None
-        if ckpt_path not in ("last", "best"):
-            return
-        dirs = [Path(d) for d in (config.last_checkpoint.dirpath, config.checkpoint.dirpath) if d]
-        root = checks.run_root(config.trainer.logger)
-        if not dirs and root is not None:
-            dirs = [root]
-        last = checks.resolve_last(dirs, self.subcommand) if ckpt_path == "last" else None
-        if ckpt_path == "best":
-            last = checks.resolve_last(dirs, "best")
-            path = checks.resolve_best(last, config.checkpoint.monitor)
-        else:
-            path = last
-        config.ckpt_path = str(path) if path is not None else None
-        if path is None:
-            print(f"--ckpt_path last: no checkpoint in {', '.join(map(str, dirs))}; training from scratch.")
-        elif self.subcommand == "fit" and root is not None and path.parent.parent.parent == root:
-            # Go on in the run's own version folder: its checkpoints and logs continue there.
-            config.trainer.logger.init_args.version = path.parent.parent.name
-            print(f"Resuming from {path}")
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` (Lightning next reads the model's settings from that file)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            self._resolve_ckpt_path(self.config[subcommand], subcommand)
+
+    def _resolve_ckpt_path(self, config: Any, subcommand: str) -> None:
+        """``last``/``best`` -> a file of an earlier run (Lightning looks in the new run's folder only)."""
+        ckpt_path = config.ckpt_path
+        if ckpt_path in ("last", "best"):
+            dirs = [Path(d) for d in (config.last_checkpoint.dirpath, config.checkpoint.dirpath) if d]
+            root = checks.run_root(config.trainer.logger)
+            if not dirs and root is not None:
+                dirs = [root]
+            last = checks.resolve_last(dirs, subcommand if ckpt_path == "last" else "best")
+            path = last if ckpt_path == "last" else checks.resolve_best(last, config.checkpoint.monitor)
+            if path is None:
+                print(f"--ckpt_path last: no checkpoint in {', '.join(map(str, dirs))}; fit starts anew.")
+                config.ckpt_path = None
+                return
+            config.ckpt_path = ckpt_path = str(path)
+            if subcommand == "fit" and root is not None and path.parent.parent.parent == root:
+                # Go on in the run's own version folder: its checkpoints and logs continue there.
+                config.trainer.logger.init_args.version = path.parent.parent.name
+            print(f"--ckpt_path: {path}")
+        checks.check_checkpoint(ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self._config().trainer.enable_progress_bar is False:
@@ -101,9 +105,6 @@ class CausalLMCLI(LightningCLI):
         tokenizer = self.datamodule.tokenizer
         model_config = self.model.build_config(tokenizer)
         check_compatible(model_config, tokenizer, self.datamodule.block_size)
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path:
-            checks.check_checkpoint(ckpt_path, dict(self.model.hparams))
 
     before_fit = before_validate = before_test = before_predict = _check_run
 
