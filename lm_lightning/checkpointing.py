@@ -139,7 +139,10 @@ def read_checkpoint_hparams(path: str | os.PathLike, setting: str = "--ckpt_path
             "fit, or 'last' / 'best'."
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError:  # not the zip format that mmap needs: read it whole, or say why not
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a text file, a truncated file, a safetensors file ...
         raise ValueError(
             f"{setting}={path!r} is not a PyTorch Lightning checkpoint ({type(err).__name__}: "
