@@ -59,7 +59,7 @@ def run_root(logger_config: Any) -> Path | None:
     return Path(save_dir) / (name or "")
 
 
-def resolve_last(ckpt_dirs: list[Path], subcommand: str) -> Path | None:
+def resolve_last(ckpt_dirs: list[Path], subcommand: str, setting: str = "--ckpt_path last") -> Path | None:
     """The newest ``last*.ckpt`` in ``ckpt_dirs`` (each a run root or a checkpoint folder).
 
     ``fit`` with nothing to resume starts from scratch (so ``--ckpt_path last`` can always be given);
@@ -70,7 +70,7 @@ def resolve_last(ckpt_dirs: list[Path], subcommand: str) -> Path | None:
         return max(found, key=lambda p: p.stat().st_mtime)
     if subcommand != "fit":
         raise RunError(
-            f"--ckpt_path last: no last*.ckpt under {', '.join(map(str, ckpt_dirs)) or 'any run folder'}. "
+            f"{setting}: no last*.ckpt under {', '.join(map(str, ckpt_dirs)) or 'any run folder'}. "
             "Run fit first, or give the path of a checkpoint."
         )
     return None

@@ -74,7 +74,7 @@ class CausalLMCLI(LightningCLI):
             root = checks.run_root(config.trainer.logger)
             if not dirs and root is not None:
                 dirs = [root]
-            last = checks.resolve_last(dirs, subcommand if ckpt_path == "last" else "best")
+            last = checks.resolve_last(dirs, subcommand, f"--ckpt_path {ckpt_path}")
             path = last if ckpt_path == "last" else checks.resolve_best(last, config.checkpoint.monitor)
             if path is None:
                 print(f"--ckpt_path last: no checkpoint in {', '.join(map(str, dirs))}; fit starts anew.")

@@ -217,3 +217,27 @@ def test_cli_clips_gradients_by_default(tmp_path):
     assert cli.trainer.gradient_clip_val == 1.0
     cli = cli_main([*args, "--trainer.gradient_clip_val", "0.5"], run=False)
     assert cli.trainer.gradient_clip_val == 0.5
+
+
+def test_last_and_best_are_found_in_earlier_versions(tmp_path):
+    from lm_lightning.checks import RunError, resolve_best, resolve_last
+
+    root = tmp_path / "runs" / "tiny"
+    best = root / "version_0" / "checkpoints" / "epoch0-step4-ppl9.00.ckpt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"")
+    key = "ModelCheckpoint{'monitor': 'val/perplexity', 'mode': 'min', 'every_n_train_steps': 0}"
+    old = root / "version_0" / "checkpoints" / "last.ckpt"
+    torch.save({"callbacks": {key: {"best_model_path": str(best)}}}, old)
+    new = root / "version_1" / "checkpoints" / "last.ckpt"
+    new.parent.mkdir(parents=True)
+    torch.save({"callbacks": {}}, new)
+    os.utime(old, (1, 1))  # version_1's is the newer one
+    assert resolve_last([root], "validate") == new
+    with pytest.raises(RunError, match="records no existing best checkpoint on 'val/perplexity'"):
+        resolve_best(new, "val/perplexity")
+    os.utime(new, (0, 0))
+    assert resolve_best(resolve_last([root], "test"), "val/perplexity") == best
+    assert resolve_last([tmp_path / "elsewhere"], "fit") is None  # fit starts anew
+    with pytest.raises(RunError, match="--ckpt_path last: no last"):
+        resolve_last([tmp_path / "elsewhere"], "validate")
