@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from transformers import PreTrainedTokenizerBase
 from lm_lightning.corpus import BUILTIN_CORPORA, builtin_corpus
 from lm_lightning.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
+# torchdata 0.11 calls a deprecated torch function each time a stateful loader starts an epoch.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 # Bumped whenever the on-disk block format changes, so old caches are not read.
 CACHE_FORMAT_VERSION = 1
 _BUILDERS = {
