@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,11 @@ class CausalLMCLI(LightningCLI):
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
     """Run the CLI on ``args`` (default: ``sys.argv``); tests call it in-process."""
-    # --help then shows the docstring under each field of dataclasses such as DecodingConfig.
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # --help then shows the docstring under each field of dataclasses such as DecodingConfig. Only for help:
+    # it compiles the source of every class in the parser, about 5 s of every start-up otherwise.
+    argv = sys.argv[1:] if args is None else args
+    wants_help = any(arg.startswith(("-h", "--help")) or arg.endswith(".help") for arg in argv)
+    set_parsing_settings(docstring_parse_attribute_docstrings=wants_help)
     trainer_defaults: dict[str, Any] = {
         "precision": default_precision(),
         "logger": {
