@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import set_parsing_settings
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lm_lightning import checks
+from lm_lightning.checkpointing import AtomicCheckpointIO
 from lm_lightning.data import CausalLMDataModule
+from lm_lightning.faults import NonFiniteLossError
 from lm_lightning.module import CausalLMModule, check_compatible
 from lm_lightning.prediction import JSONLPredictionWriter
 from lm_lightning.progress import TokensPerSecondProgressBar
@@ -28,25 +35,37 @@ WEIGHT_DEFINING_KEYS = ("model_name_or_path", "config_name", "model_config", "to
 
 
 class CausalLMCLI(LightningCLI):
-    """LightningCLI with the tokenizer linked from data to model and checkpointing on perplexity."""
+    """LightningCLI with the tokenizer linked from data to model, and two checkpoints.
+
+    ``checkpoint`` keeps the best ``val/perplexity`` and writes ``last.ckpt`` after each validation;
+    ``last_checkpoint`` also writes ``last.ckpt`` every ``every_n_train_steps`` optimizer steps, for exact
+    resume with ``--ckpt_path last``. That finds the newest ``last.ckpt`` of the logger's earlier versions and
+    goes on logging into that version.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.tokenizer", "model.tokenizer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(JSONLPredictionWriter, "predictions")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/perplexity",
                 "checkpoint.mode": "min",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": True,  # after each validation
                 "checkpoint.filename": "epoch{epoch}-step{step}-ppl{val/perplexity:.2f}",
                 "checkpoint.auto_insert_metric_name": False,
+                # Both write the same last.ckpt, whichever is newer (no last-v1.ckpt beside it).
+                "checkpoint.enable_version_counter": False,
+                "last_checkpoint.save_top_k": 0,
+                "last_checkpoint.save_last": True,
+                "last_checkpoint.every_n_train_steps": 1000,
+                "last_checkpoint.enable_version_counter": False,
             }
         )
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
-        self._given_config = copy.deepcopy(self.config)
+    def _config(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
         # With --ckpt_path, Lightning 2.6 replaces the whole model section by the checkpoint's
@@ -60,20 +79,65 @@ class CausalLMCLI(LightningCLI):
             if key not in WEIGHT_DEFINING_KEYS:
                 merged[key] = value
 
-    def _check_model_data(self) -> None:
-        # Fails before any data is tokenized or any weights are loaded (the model's config only).
-        tokenizer = self.datamodule.tokenizer
-        config = self.model.build_config(tokenizer)
-        predicting = self.subcommand == "predict"
-        check_compatible(config, tokenizer, None if predicting else self.datamodule.block_size)
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` (Lightning next reads the model's settings from that file)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            self._resolve_ckpt_path(self.config[subcommand], subcommand)
+        self._given_config = copy.deepcopy(self.config)  # before Lightning merges the checkpoint's settings
 
-    before_fit = before_validate = before_test = before_predict = _check_model_data
+    def _resolve_ckpt_path(self, config: Any, subcommand: str) -> None:
+        """``last``/``best`` -> a file of an earlier run (Lightning looks in the new run's folder only)."""
+        ckpt_path = config.ckpt_path
+        if ckpt_path in ("last", "best"):
+            dirs = [Path(d) for d in (config.last_checkpoint.dirpath, config.checkpoint.dirpath) if d]
+            root = checks.run_root(config.trainer.logger)
+            if not dirs and root is not None:
+                dirs = [root]
+            last = checks.resolve_last(dirs, subcommand, f"--ckpt_path {ckpt_path}")
+            path = last if ckpt_path == "last" else checks.resolve_best(last, config.checkpoint.monitor)
+            if path is None:
+                print(f"--ckpt_path last: no checkpoint in {', '.join(map(str, dirs))}; fit starts anew.")
+                config.ckpt_path = None
+                return
+            config.ckpt_path = ckpt_path = str(path)
+            if subcommand == "fit" and root is not None and path.parent.parent.parent == root:
+                # Go on in the run's own version folder: its checkpoints and logs continue there.
+                config.trainer.logger.init_args.version = path.parent.parent.name
+            print(f"--ckpt_path: {path}")
+        checks.check_checkpoint(ckpt_path)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        if self._config().trainer.enable_progress_bar is False:
+            # The progress bar is a default callback; Lightning refuses it with enable_progress_bar=False.
+            self.trainer_defaults["callbacks"] = [
+                c for c in self.trainer_defaults["callbacks"] if not isinstance(c, TokensPerSecondProgressBar)
+            ]
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _check_run(self) -> None:
+        # Fails before any data is tokenized or any weights are loaded (the model's config only).
+        config = self._config()
+        checks.check_precision(config.trainer.precision, self.trainer.accelerator)
+        tokenizer = self.datamodule.tokenizer
+        model_config = self.model.build_config(tokenizer)
+        predicting = self.subcommand == "predict"  # prompts are not cut into blocks
+        check_compatible(model_config, tokenizer, None if predicting else self.datamodule.block_size)
+
+    before_fit = before_validate = before_test = before_predict = _check_run
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
     """Run the CLI on ``args`` (default: ``sys.argv``); tests call it in-process."""
-    # --help then shows the docstring under each field of dataclasses such as DecodingConfig.
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # --help then shows the docstring under each field of dataclasses such as DecodingConfig. Only for help:
+    # it compiles the source of every class in the parser, about 5 s of every start-up otherwise.
+    argv = sys.argv[1:] if args is None else args
+    wants_help = any(arg.startswith(("-h", "--help")) or arg.endswith(".help") for arg in argv)
+    set_parsing_settings(docstring_parse_attribute_docstrings=wants_help)
     trainer_defaults: dict[str, Any] = {
         "precision": default_precision(),
         "logger": {
@@ -82,12 +146,20 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
         },
         # Persistent: added to whatever trainer.callbacks the config lists.
         "callbacks": [TokensPerSecondProgressBar()],
+        "gradient_clip_val": 1.0,  # transformers.Trainer's max_grad_norm default; null turns it off
     }
-    return CausalLMCLI(
-        CausalLMModule,
-        CausalLMDataModule,
-        trainer_defaults=trainer_defaults,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    try:
+        return CausalLMCLI(
+            CausalLMModule,
+            CausalLMDataModule,
+            trainer_defaults=trainer_defaults,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+    except NonFiniteLossError as err:
+        checks.report_and_exit(err, 1)
+    except Exception as err:
+        if checks.is_user_error(err):
+            checks.report_and_exit(err, 2)  # a settings error: the message says what to change
+        raise

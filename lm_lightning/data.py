@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from lm_lightning.corpus import BUILTIN_CORPORA, builtin_corpus
@@ -30,6 +33,8 @@ from lm_lightning.tokenizer import (
     train_bpe_tokenizer,
 )
 
+# torchdata 0.11 calls a deprecated torch function each time a stateful loader starts an epoch.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 # Bumped whenever the on-disk block format changes, so old caches are not read.
 CACHE_FORMAT_VERSION = 1
 _BUILDERS = {
@@ -451,22 +456,32 @@ class CausalLMDataModule(L.LightningDataModule):
             raise ValueError(f"The data source has no {split!r} split; it has {list(self.datasets)}.")
         sampler = None
         trainer = self.trainer
-        if not shuffle and trainer is not None and trainer.world_size > 1:
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if shuffle:
+            # The order of an epoch is a function of (seed, epoch), which Lightning sets each epoch, and the
+            # sampler records how far into it training is: a resumed run sees the very same batches, in this
+            # epoch and the next ones (torchdata's RandomSampler does not: its next epoch differs). Under DDP
+            # each process takes its share, as with Lightning's own DistributedSampler.
+            sampler = StatefulDistributedSampler(
+                self.datasets[split], num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed
+            )
+        elif world_size > 1:
             # Lightning's default DistributedSampler repeats blocks to even out the shards, which would
             # count them twice in the validation perplexity; this one gives each block to one rank.
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
             sampler = UnrepeatedDistributedSampler(
-                self.datasets[split],
-                num_replicas=trainer.world_size,
-                rank=trainer.global_rank,
-                shuffle=False,
+                self.datasets[split], num_replicas=world_size, rank=rank, shuffle=False
             )
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        # A generator of its own: a loader without one draws its workers' base seed from the global random
+        # state, so a validation would shift the dropout masks of the training steps after it.
+        generator = torch.Generator().manual_seed(self.seed)
+        # The train loader is stateful: Lightning saves its state in each checkpoint, and a run resumed
+        # mid-epoch goes on from the next batch (a plain DataLoader would restart the epoch).
+        loader_cls = StatefulDataLoader if shuffle else DataLoader
+        return loader_cls(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle if sampler is None else None,
             sampler=sampler,
             generator=generator,
             num_workers=self.num_workers,
@@ -503,7 +518,7 @@ class CausalLMDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Training blocks, shuffled with a generator seeded by ``seed``."""
+        """Training blocks, shuffled with a generator seeded by ``seed``; resumable mid-epoch."""
         return self._loader("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -21,6 +21,8 @@ from transformers import (
     get_scheduler,
 )
 
+from lm_lightning.checkpointing import RNG_KEY, collect_rng_states, set_rng_states
+from lm_lightning.faults import NonFiniteAction, nonfinite_loss
 from lm_lightning.flops import matmul_params, training_flops_per_batch
 from lm_lightning.generation import DecodingConfig, generate_texts, resolve_decodings
 from lm_lightning.loss import TokenNLL, causal_lm_nll
@@ -68,6 +70,8 @@ class CausalLMModule(L.LightningModule):
         export_dir: Save a Hugging Face folder (model and tokenizer) here at the end of fit.
         predict_decodings: Decoding presets or settings that ``predict`` continues each prompt with;
             default ``["greedy"]`` (see ``lm_lightning.generation.PRESETS``).
+        on_nonfinite_loss: On a NaN or infinite training loss, ``raise`` (stop, naming the step and the last
+            good checkpoint) or ``skip`` the batch (no weight or optimizer update).
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class CausalLMModule(L.LightningModule):
         loss_chunk_size: int | None = 128,
         export_dir: str | None = None,
         predict_decodings: list[str | DecodingConfig | dict[str, Any]] | None = None,
+        on_nonfinite_loss: NonFiniteAction = "raise",
     ) -> None:
         super().__init__()
         if model_name_or_path is None and config_name is None and model_config is None:
@@ -112,6 +117,8 @@ class CausalLMModule(L.LightningModule):
             raise ValueError(f"loss_chunk_size={loss_chunk_size} must be a positive integer or None.")
         # Resolved now, so that an invalid decoding fails before any model is loaded.
         self.predict_decodings = resolve_decodings(predict_decodings or ["greedy"])
+        if on_nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite_loss={on_nonfinite_loss!r} is unknown; choose 'raise' or 'skip'.")
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -119,6 +126,8 @@ class CausalLMModule(L.LightningModule):
         self.test_nll = TokenNLL()
         self._n_matmul_params: int | None = None  # counted before FSDP or compile wrap the model
         self._batch_shape: tuple[int, int] | None = None
+        self._rng_states_to_restore: dict[str, Any] | None = None
+        self._skip_optimizer_step = False
 
     # ----------------------------------------------------------------------------- model
     def _find_tokenizer(self) -> PreTrainedTokenizerBase | None:
@@ -210,6 +219,10 @@ class CausalLMModule(L.LightningModule):
         self._batch_shape = tuple(batch["input_ids"].shape)
         nll, n_tokens = self._nll(batch)
         loss = nll / n_tokens
+        zero_loss = nonfinite_loss(self, loss, batch_idx, self.hparams.get("on_nonfinite_loss", "raise"))
+        self._skip_optimizer_step = zero_loss is not None
+        if zero_loss is not None:
+            return zero_loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
             self.log(
@@ -227,6 +240,31 @@ class CausalLMModule(L.LightningModule):
             return None
         flops = training_flops_per_batch(self.model.config, *self._batch_shape, self._n_matmul_params)
         return flops if self.training else flops // 3
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients of a skipped batch: AdamW then leaves the weights and its moments alone."""
+        if self._skip_optimizer_step:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+
+    # ----------------------------------------------------------------------------- exact resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the random state (dropout draws from it) for an exact resume."""
+        checkpoint[RNG_KEY] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the saved random state until training goes on (see ``on_train_batch_start``)."""
+        self._rng_states_to_restore = checkpoint.get(RNG_KEY)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Restore the checkpoint's random state just before the first step after a resume.
+
+        Not at load time: the sanity-check validation and loader set-up in between may draw from it.
+        """
+        if self._rng_states_to_restore is not None:
+            set_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Accumulate the batch's token NLL for the epoch's perplexity."""

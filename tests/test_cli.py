@@ -142,6 +142,7 @@ def test_reference_recipe_matches_the_notebook():
 def test_block_size_above_context_fails_fast_with_a_clear_message(tmp_path, bpe_tokenizer_path, doc_texts):
     config = _tiny_config(tmp_path, bpe_tokenizer_path, doc_texts)
     out = _run("fit", "--config", str(config), "--data.block_size", "100", cwd=tmp_path)
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert "block_size=100 is larger than the model's context of 64" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
     assert not (tmp_path / "cache" / "blocks").exists()  # failed before tokenizing anything

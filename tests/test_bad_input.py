@@ -1,0 +1,176 @@
+"""Each settings mistake fails before any compute: exit code 2, one paragraph naming the setting, no files.
+
+Each case runs the CLI's entry point (``lm_lightning.__main__.main``, what ``python -m lm_lightning`` runs) on
+its own command line; one also runs as a real subprocess, for the process's exit code and stderr (as does
+test_cli's block-size case).
+Running every case in a fresh interpreter would cost ~10 s of imports each on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lm_lightning.__main__ import main
+
+
+@pytest.fixture
+def run_dir(tmp_path, bpe_tokenizer_path, doc_texts, monkeypatch) -> Path:
+    """A folder with a tiny config (``tiny.yaml``) and data files of every kind of mistake."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.txt").write_text("".join(doc_texts[:100]))
+    (tmp_path / "valid.txt").write_text("".join(doc_texts[500:530]))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Too short.\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 50)
+    (tmp_path / "notackpt.ckpt").write_text("this is not a checkpoint\n")
+    torch.save({"state_dict": {}, "hyper_parameters": {"hidden_dim": 8}}, tmp_path / "other_module.ckpt")
+    config = {
+        "seed_everything": 1,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "tiny"},
+            },
+        },
+        "model": {"model_config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}},
+        "data": {
+            "tokenizer": bpe_tokenizer_path,
+            "data_files": {"train": "train.txt", "validation": "valid.txt"},
+            "block_size": 32,
+            "batch_size": 4,
+            "cache_dir": "cache",
+        },
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+SAMPLER = ["--trainer.callbacks+=lm_lightning.TextGenerationCallback", "--trainer.callbacks.prompts=[The]"]
+
+# (id, command line after the config, what the message must say)
+CASES = [
+    (
+        "unknown column",
+        ["fit", "--data.text_column", "body"],
+        "text_column='body' is not a column of the 'train' split; its columns are ['text']",
+    ),
+    (
+        "missing file",
+        ["fit", "--data.data_files.train", "nope.txt"],
+        "data_files['train']='nope.txt': no such file",
+    ),
+    ("empty file", ["fit", "--data.data_files.train", "empty.txt"], "'empty.txt' is empty"),
+    ("not UTF-8", ["fit", "--data.data_files.train", "latin1.txt"], "is not valid UTF-8"),
+    (
+        "split shorter than a block",
+        ["fit", "--data.data_files.validation", "short.txt"],
+        "tokens, fewer than one block (block_size=32): lower --data.block_size",
+    ),
+    (
+        "block_size above positions",
+        ["fit", "--data.block_size", "100"],
+        "block_size=100 is larger than the model's context of 64 positions",
+    ),
+    (
+        "tokenizer larger than embeddings",
+        ["fit", "--model.model_config.vocab_size", "100"],
+        "The tokenizer has 512 tokens but the model's embedding has 100 rows",
+    ),
+    (
+        "greedy with several sequences",
+        ["fit", *SAMPLER, "--trainer.callbacks.decodings=[{do_sample: false, num_return_sequences: 2}]"],
+        "num_return_sequences=2 with num_beams=1 and do_sample=False is invalid",
+    ),
+    (
+        "sampling at temperature 0",
+        ["fit", *SAMPLER, "--trainer.callbacks.decodings=[{preset: top_k, temperature: 0}]"],
+        "temperature=0",
+    ),
+    (
+        "unknown preset",
+        ["fit", *SAMPLER, "--trainer.callbacks.decodings=[nucleus]"],
+        "nucleus",
+    ),
+    (
+        "missing checkpoint",
+        ["validate", "--ckpt_path", "missing.ckpt"],
+        "--ckpt_path='missing.ckpt': no such checkpoint file",
+    ),
+    (
+        "checkpoint that is not one",
+        ["validate", "--ckpt_path", "notackpt.ckpt"],
+        "--ckpt_path='notackpt.ckpt' is not a PyTorch Lightning checkpoint",
+    ),
+    (
+        "checkpoint of another module",
+        ["fit", "--ckpt_path", "other_module.ckpt"],
+        "is a Lightning checkpoint but not of a CausalLMModule",
+    ),
+    (
+        "no last checkpoint to validate",
+        ["validate", "--ckpt_path", "last"],
+        "--ckpt_path last: no last*.ckpt under runs/tiny",
+    ),
+    (
+        "fp16 mixed precision on CPU",
+        ["fit", "--trainer.precision", "16-mixed"],
+        "trainer.precision='16-mixed' needs a CUDA GPU",
+    ),
+    ("unknown precision", ["fit", "--trainer.precision", "8-mixed"], "8-mixed"),
+    ("unknown scheduler", ["fit", "--model.lr_scheduler", "exp"], "'constant', 'linear', 'cosine'"),
+    ("bad batch size", ["fit", "--data.batch_size", "0"], "batch_size=0 must be at least 1"),
+    (
+        "two data sources",
+        ["fit", "--data.corpus", "python-docs"],
+        "Give exactly one data source, got ['data_files', 'corpus']",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_fails_fast_clearly_and_writes_nothing(run_dir, args, message, capfd, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lm_lightning", args[0], "--config", "tiny.yaml", *args[1:]])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert message in err
+    assert "Traceback" not in err  # one paragraph, not a stack
+    assert not (run_dir / "runs").exists()  # no log or checkpoint folder
+    assert not any(p.is_file() for p in (run_dir / "cache").rglob("*"))  # no cache half-written
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [c[1:] for c in CASES if c[0] == "checkpoint that is not one"],
+)
+def test_bad_input_in_a_subprocess(run_dir, args, message):
+    out = subprocess.run(
+        [sys.executable, "-m", "lm_lightning", args[0], "--config", "tiny.yaml", *args[1:]],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (run_dir / "runs").exists()
+
+
+def test_debug_env_shows_the_traceback(run_dir, capfd, monkeypatch):
+    monkeypatch.setenv("LM_LIGHTNING_DEBUG", "1")
+    argv = ["lm_lightning", "fit", "--config", "tiny.yaml", "--data.block_size", "100"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" in err and "block_size=100" in err

@@ -1,0 +1,243 @@
+"""Exact resume after SIGKILL, atomic checkpoint writes, and non-finite losses."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from datasets import Dataset, DatasetDict
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lm_lightning import CausalLMDataModule, CausalLMModule
+from lm_lightning import checkpointing as ckpt_module
+from lm_lightning.checkpointing import AtomicCheckpointIO
+from lm_lightning.faults import NonFiniteLossError
+
+KILLER = '''
+import os, signal
+import lightning as L
+
+class KillAtStep(L.Callback):
+    """SIGKILL this process in the middle of the optimizer step after ``step`` (no cleanup of any kind)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def _resume_config(tmp_path: Path, tokenizer_path: str, doc_texts: list[str], save_dir: str, kill_at=None):
+    (tmp_path / "train.txt").write_text("".join(doc_texts[:20]))  # 50 blocks: 13 batches, the last of 2
+    (tmp_path / "valid.txt").write_text("".join(doc_texts[500:512]))
+    callbacks = [
+        # Sampling at each validation must not shift the training's random state.
+        {
+            "class_path": "lm_lightning.TextGenerationCallback",
+            "init_args": {"prompts": ["The"], "decodings": ["top_k"], "max_new_tokens": 3},
+        }
+    ]
+    if kill_at is not None:
+        callbacks.append({"class_path": "killer.KillAtStep", "init_args": {"step": kill_at}})
+    return {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 20,  # crosses the end of the first epoch (13 steps)
+            "limit_val_batches": 2,
+            "enable_model_summary": False,
+            "enable_progress_bar": False,
+            "callbacks": callbacks,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": save_dir, "name": "r"},
+            },
+        },
+        # GPT-2's dropout is on (0.1): the random state must be restored for the same weights.
+        "model": {
+            "model_config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 32},
+            "learning_rate": 3e-3,
+            "warmup_steps": 2,
+        },
+        "data": {
+            "tokenizer": tokenizer_path,
+            "data_files": {"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "valid.txt")},
+            "block_size": 32,
+            "batch_size": 4,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "last_checkpoint": {"every_n_train_steps": 4},
+    }
+
+
+def _fit(tmp_path: Path, config: dict, name: str, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-m", "lm_lightning", "fit", "--config", str(path), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_fit_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, bpe_tokenizer_path, doc_texts):
+    (tmp_path / "killer.py").write_text(KILLER)
+    whole = _fit(tmp_path, _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "whole"), "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    killed_config = _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "cut", kill_at=9)
+    killed = _fit(tmp_path, killed_config, "killed")
+    assert killed.returncode == -9  # SIGKILL during step 10, after the step-8 checkpoint
+    last = tmp_path / "cut" / "r" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 8 and saved["epoch"] == 0  # mid-epoch: batch 8 of 13
+
+    resumed_config = _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "cut")
+    resumed = _fit(tmp_path, resumed_config, "resumed", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "mid-epoch" not in resumed.stderr  # Lightning's warning for a loader it cannot resume
+    assert not (tmp_path / "cut" / "r" / "version_1").exists()  # went on in the run's own folder
+
+    whole_last = tmp_path / "whole" / "r" / "version_0" / "checkpoints" / "last.ckpt"
+    expected = torch.load(whole_last, map_location="cpu", weights_only=False)
+    got = torch.load(last, map_location="cpu", weights_only=False)
+    assert expected["global_step"] == got["global_step"] == 20
+    diffs = {k: (v - got["state_dict"][k]).abs().max().item() for k, v in expected["state_dict"].items()}
+    assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    # The optimizer went on from the same moments.
+    exp_opt, got_opt = expected["optimizer_states"][0]["state"], got["optimizer_states"][0]["state"]
+    assert all(torch.allclose(exp_opt[i]["exp_avg_sq"], got_opt[i]["exp_avg_sq"], atol=1e-9) for i in exp_opt)
+
+
+def test_atomic_save_leaves_the_previous_checkpoint_whole_when_it_fails(tmp_path, monkeypatch):
+    path = tmp_path / "ckpts" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash_midway(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+class PoisonedModule(CausalLMModule):
+    """Gives a NaN training loss at the optimizer steps listed in ``poison``."""
+
+    poison: tuple[int, ...] = ()
+
+    def _nll(self, batch):
+        nll, n = super()._nll(batch)
+        if self.training and self.trainer.global_step in self.poison:
+            nll = nll * math.nan
+        return nll, n
+
+
+def _poison_fit(tmp_path, tokenizer_path, texts, action, poison, callbacks=()):
+    dsd = DatasetDict({"train": Dataset.from_dict({"text": texts[:200]})})
+    dm = CausalLMDataModule(
+        tokenizer=tokenizer_path, dataset=dsd, block_size=32, batch_size=4, cache_dir=str(tmp_path / "c")
+    )
+    L.seed_everything(0)
+    module = PoisonedModule(
+        model_config={"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 32},
+        learning_rate=1e-3,
+        on_nonfinite_loss=action,
+    )
+    module.poison = poison
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=list(callbacks),
+    )
+    return trainer, module, dm
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path, bpe_tokenizer_path, doc_texts):
+    every_step = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1)
+    trainer, module, dm = _poison_fit(tmp_path, bpe_tokenizer_path, doc_texts, "raise", (2,), [every_step])
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.fit(module, dm)
+    message = str(err.value)
+    assert "The training loss is nan at step 2 (epoch 0, batch 2)" in message
+    assert "last good checkpoint is" in message and "step=2.ckpt" in message
+    assert "--model.on_nonfinite_loss skip" in message
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # stopped before the update
+
+
+def test_nonfinite_loss_skip_leaves_weights_and_optimizer_alone(tmp_path, bpe_tokenizer_path, doc_texts):
+    snapshots = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snapshots[batch_idx] = [p.detach().clone() for p in pl_module.parameters()]
+
+    trainer, module, dm = _poison_fit(tmp_path, bpe_tokenizer_path, doc_texts, "skip", (2,), [Snapshot()])
+    trainer.fit(module, dm)
+    assert trainer.global_step == 4  # training went on
+    unchanged = all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3], strict=True))
+    assert unchanged  # the NaN batch changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2], strict=True))
+    state = trainer.optimizers[0].state
+    assert {int(s["step"]) for s in state.values()} == {3}  # AdamW stepped 3 times, not 4
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_cli_clips_gradients_by_default(tmp_path):
+    from lm_lightning.cli import cli_main
+
+    args = ["--model.model_config", "{n_layer: 1}", "--data.corpus", "python-docs", "--data.tokenizer", "x"]
+    cli = cli_main(args, run=False)
+    assert cli.trainer.gradient_clip_val == 1.0
+    cli = cli_main([*args, "--trainer.gradient_clip_val", "0.5"], run=False)
+    assert cli.trainer.gradient_clip_val == 0.5
+
+
+def test_last_and_best_are_found_in_earlier_versions(tmp_path):
+    from lm_lightning.checks import RunError, resolve_best, resolve_last
+
+    root = tmp_path / "runs" / "tiny"
+    best = root / "version_0" / "checkpoints" / "epoch0-step4-ppl9.00.ckpt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"")
+    key = "ModelCheckpoint{'monitor': 'val/perplexity', 'mode': 'min', 'every_n_train_steps': 0}"
+    old = root / "version_0" / "checkpoints" / "last.ckpt"
+    torch.save({"callbacks": {key: {"best_model_path": str(best)}}}, old)
+    new = root / "version_1" / "checkpoints" / "last.ckpt"
+    new.parent.mkdir(parents=True)
+    torch.save({"callbacks": {}}, new)
+    os.utime(old, (1, 1))  # version_1's is the newer one
+    assert resolve_last([root], "validate") == new
+    with pytest.raises(RunError, match="records no existing best checkpoint on 'val/perplexity'"):
+        resolve_best(new, "val/perplexity")
+    os.utime(new, (0, 0))
+    assert resolve_best(resolve_last([root], "test"), "val/perplexity") == best
+    assert resolve_last([tmp_path / "elsewhere"], "fit") is None  # fit starts anew
+    with pytest.raises(RunError, match="--ckpt_path last: no last"):
+        resolve_last([tmp_path / "elsewhere"], "validate")
