@@ -227,9 +227,9 @@ class CausalLMDataModule(L.LightningDataModule):
             dataset = DatasetDict({"train": dataset})
         if isinstance(data_files, str):
             data_files = {"train": data_files}
-        self.save_hyperparameters(
-            ignore=["dataset"] if isinstance(tokenizer, str | None) else ["dataset", "tokenizer"]
-        )
+        # The tokenizer is the model's hyperparameter (the CLI links it there, the module records the one it
+        # takes from here): saved twice, Lightning refuses to log the two when the module's was left unset.
+        self.save_hyperparameters(ignore=["dataset", "tokenizer"])
         self.tokenizer_spec = tokenizer
         self.dataset_name = dataset_name
         self.dataset_config_name = dataset_config_name
@@ -250,7 +250,8 @@ class CausalLMDataModule(L.LightningDataModule):
         self.cache_root = Path(cache_dir) if cache_dir else _default_cache_root()
         self.seed = seed
         self.has_source = bool(given)
-        self.prompts = prompts
+        # Read now: a missing or empty prompts file fails before any model is loaded.
+        self.prompts = read_prompts(prompts_file) if prompts_file is not None else prompts
         self.prompts_file = prompts_file
         self.streaming = streaming
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -531,15 +532,12 @@ class CausalLMDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Batches (lists) of prompt strings from ``prompts`` or ``prompts_file``."""
-        prompts = self.prompts
-        if prompts is None:
-            if self.prompts_file is None:
-                raise ValueError(
-                    "predict needs prompts: set --data.prompts '[\"Once upon\", ...]' or "
-                    "--data.prompts_file FILE."
-                )
-            prompts = read_prompts(self.prompts_file)
-        return DataLoader(prompts, batch_size=self.eval_batch_size, shuffle=False, collate_fn=list)
+        if self.prompts is None:
+            raise ValueError(
+                "predict needs prompts: set --data.prompts '[\"Once upon\", ...]' or "
+                "--data.prompts_file FILE."
+            )
+        return DataLoader(self.prompts, batch_size=self.eval_batch_size, shuffle=False, collate_fn=list)
 
 
 def _default_cache_root() -> Path:

@@ -129,6 +129,16 @@ CASES = [
     ("unknown scheduler", ["fit", "--model.lr_scheduler", "exp"], "'constant', 'linear', 'cosine'"),
     ("bad batch size", ["fit", "--data.batch_size", "0"], "batch_size=0 must be at least 1"),
     (
+        "empty prompts file",
+        ["predict", "--data.prompts_file", "empty.txt"],
+        "prompts_file='empty.txt' holds no prompts",
+    ),
+    (
+        "missing prompts file",
+        ["predict", "--data.prompts_file", "prompts.txt"],
+        "prompts_file='prompts.txt': no such file",
+    ),
+    (
         "two data sources",
         ["fit", "--data.corpus", "python-docs"],
         "Give exactly one data source, got ['data_files', 'corpus']",

@@ -299,3 +299,18 @@ def test_predict_from_a_hf_folder_with_prompts_only(tmp_path, tiny_gpt2, bpe_tok
     assert [r["text"] for r in records if r["preset"] == "greedy"] == [e.text for e in expected]
     with pytest.raises(ValueError, match="No data source"):
         data.train_dataloader()
+
+
+def test_plain_trainer_with_default_logger_and_tokenizer_from_the_data_module(
+    tmp_path, bpe_tokenizer_path, doc_texts
+):
+    """The README's Python example: the module takes its tokenizer from the data module alone."""
+    dm = _datamodule(tmp_path, bpe_tokenizer_path, doc_texts)
+    module = CausalLMModule(model_config=TINY)  # no tokenizer given
+    trainer = L.Trainer(
+        max_steps=2, limit_val_batches=2, enable_progress_bar=False, default_root_dir=str(tmp_path)
+    )
+    trainer.fit(module, dm)  # the default TensorBoard logger logs both modules' hyperparameters
+    restored = CausalLMModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    assert restored.hparams.tokenizer == bpe_tokenizer_path
+    assert restored.export_hf(tmp_path / "hf").joinpath("tokenizer.json").exists()
