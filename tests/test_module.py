@@ -91,22 +91,27 @@ def test_validate_perplexity_is_exact_with_a_smaller_last_batch(tmp_path, bpe_to
     assert abs(naive - total / count) > 1e-4
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_chunked_loss_equals_full_logits_loss(tiny_gpt2, family):
+def _tiny_lm(family: str, tiny_gpt2):
+    """The tiny GPT-2 (tied head) or a tiny Llama (untied head), seeded."""
     torch.manual_seed(0)
     if family == "gpt2":
-        model = tiny_gpt2
-    else:
-        config = LlamaConfig(
-            vocab_size=300,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        model = LlamaForCausalLM(config).eval()
+        return tiny_gpt2
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_chunked_loss_equals_full_logits_loss(tiny_gpt2, family):
+    model = _tiny_lm(family, tiny_gpt2)
     ids = torch.randint(0, model.config.vocab_size, (3, 40))
     labels = ids.clone()
     labels[0, 5:9] = -100
@@ -123,21 +128,7 @@ def test_chunked_loss_equals_full_logits_loss(tiny_gpt2, family):
 def test_chunked_loss_gradients_equal_full_logits_gradients(tiny_gpt2, family):
     # The chunked loss computes its gradients in the forward pass; they must be those of the plain loss,
     # through tied embeddings (gpt2) and untied heads (llama) alike, with ignored labels.
-    torch.manual_seed(0)
-    if family == "gpt2":
-        model = tiny_gpt2
-    else:
-        config = LlamaConfig(
-            vocab_size=300,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-        )
-        model = LlamaForCausalLM(config).eval()
+    model = _tiny_lm(family, tiny_gpt2)
     ids = torch.randint(0, model.config.vocab_size, (3, 40))
     labels = ids.clone()
     labels[1, 10:20] = -100
