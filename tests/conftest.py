@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -15,6 +16,21 @@ from lm_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
 SHARED_DATA = Path(os.environ.get("LM_LIGHTNING_SHARED_DATA", Path(__file__).parents[2] / "shared" / "data"))
 WIKITEXT = SHARED_DATA / "wikitext-2-v1"
 GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
+
+
+def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
+    """A one-process CPU Trainer with no logger, checkpoints, progress bar or summary; ``kwargs`` override."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
 
 needs_shared_data = pytest.mark.skipif(
     not (WIKITEXT / "validation.parquet").exists() or not (GPT2_TOKENIZER / "tokenizer.json").exists(),

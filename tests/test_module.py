@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -33,19 +34,6 @@ def _datamodule(tmp_path, tokenizer_path, texts, block_size=32, **kwargs) -> Cau
     )
 
 
-def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
-    return L.Trainer(**{**defaults, **kwargs})
-
-
 def _plain_torch_nll(model, blocks: torch.Tensor) -> tuple[float, int]:
     """Independent reference: full logits, one block at a time, summed in float64."""
     total, count = 0.0, 0
@@ -68,7 +56,7 @@ def test_fit_lowers_training_loss(tmp_path, bpe_tokenizer_path, doc_texts):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(outputs["loss"].item())
 
-    _trainer(tmp_path, max_steps=30, callbacks=[Record()], limit_val_batches=0).fit(module, dm)
+    quiet_trainer(tmp_path, max_steps=30, callbacks=[Record()], limit_val_batches=0).fit(module, dm)
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
 
@@ -79,7 +67,7 @@ def test_validate_perplexity_is_exact_with_a_smaller_last_batch(tmp_path, bpe_to
     dm.setup("validate")
     n_val = len(dm.datasets["validation"])
     assert n_val % 4 != 0, "the test needs a last batch smaller than the others"
-    (metrics,) = _trainer(tmp_path).validate(module, dm, verbose=False)
+    (metrics,) = quiet_trainer(tmp_path).validate(module, dm, verbose=False)
     total, count = _plain_torch_nll(module.model, dm.datasets["validation"][:]["input_ids"])
     assert count == n_val * 31  # block_size - 1 targets per block
     assert metrics["val/perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
@@ -187,7 +175,7 @@ def test_weight_decay_groups(bpe_tokenizer):
 def test_checkpoint_loads_alone_and_export_gives_identical_logits(tmp_path, bpe_tokenizer_path, doc_texts):
     dm = _datamodule(tmp_path, bpe_tokenizer_path, doc_texts)
     module = CausalLMModule(model_config=TINY, learning_rate=1e-3)
-    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(module, dm)
     ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -225,7 +213,7 @@ def test_block_size_above_context_fails_before_training(tmp_path, bpe_tokenizer_
     dm = _datamodule(tmp_path, bpe_tokenizer_path, doc_texts, block_size=65)
     module = CausalLMModule(model_config=TINY)  # n_positions 64
     with pytest.raises(ValueError, match=r"block_size=65 is larger than the model's context of 64"):
-        _trainer(tmp_path, max_steps=1).fit(module, dm)
+        quiet_trainer(tmp_path, max_steps=1).fit(module, dm)
     assert module.model is None
 
 
@@ -233,7 +221,7 @@ def test_tokenizer_larger_than_embedding_fails(tmp_path, bpe_tokenizer_path, doc
     dm = _datamodule(tmp_path, bpe_tokenizer_path, doc_texts)
     module = CausalLMModule(model_config={**TINY, "vocab_size": 100})
     with pytest.raises(ValueError, match=r"tokenizer has 512 tokens but the model's embedding has 100 rows"):
-        _trainer(tmp_path, max_steps=1).fit(module, dm)
+        quiet_trainer(tmp_path, max_steps=1).fit(module, dm)
 
 
 def test_lr_schedule_warms_up_then_decays_per_optimizer_step(tmp_path, bpe_tokenizer_path, doc_texts):
@@ -245,7 +233,7 @@ def test_lr_schedule_warms_up_then_decays_per_optimizer_step(tmp_path, bpe_token
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    trainer = _trainer(tmp_path, max_steps=10, callbacks=[Record()], limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, max_steps=10, callbacks=[Record()], limit_val_batches=0)
     trainer.fit(module, dm)
     # Linear warm-up over 4 steps to 1e-3, then linear decay to 0 at step 10 (estimated_stepping_batches).
     expected = [1e-3 * s / 4 for s in range(4)] + [1e-3 * (10 - s) / 6 for s in range(4, 10)]
@@ -281,7 +269,7 @@ def test_predict_from_a_hf_folder_with_prompts_only(tmp_path, tiny_gpt2, bpe_tok
     module = CausalLMModule(
         model_name_or_path=hf, predict_decodings=["greedy", {"preset": "beam", "max_new_tokens": 7}]
     )
-    batches = _trainer(tmp_path).predict(module, data)
+    batches = quiet_trainer(tmp_path).predict(module, data)
     records = [r for batch in batches for r in batch]
     beam = "beam(max_new_tokens=7)"
     first_batch = [("The for statement", "greedy"), ("import os", "greedy"), ("The for statement", beam)]

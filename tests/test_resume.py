@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import quiet_trainer
 from datasets import Dataset, DatasetDict
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -166,15 +167,8 @@ def _poison_fit(tmp_path, tokenizer_path, texts, action, poison, callbacks=()):
         on_nonfinite_loss=action,
     )
     module.poison = poison
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=list(callbacks),
+    trainer = quiet_trainer(
+        tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=True, callbacks=list(callbacks)
     )
     return trainer, module, dm
 

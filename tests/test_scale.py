@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import quiet_trainer
 from datasets import Dataset, DatasetDict
 from jsonargparse import ArgumentParser
 from lightning.fabric.utilities.throughput import measure_flops
@@ -202,17 +203,9 @@ def _tiny_fit(
         eps=eps,
         lr_scheduler="constant",
     )
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=4,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
+    trainer = quiet_trainer(
+        tmp_path, **{"max_steps": 4, "limit_val_batches": 0, **trainer_kwargs}, callbacks=list(callbacks)
     )
-    trainer = L.Trainer(**{**defaults, **trainer_kwargs}, callbacks=list(callbacks))
     L.seed_everything(0)
     trainer.fit(model, data)
     return model, trainer

@@ -7,6 +7,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 import torch
+from conftest import quiet_trainer
 from datasets import Dataset, DatasetDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -158,16 +159,12 @@ def _streaming_fit(tmp_path, shard_files, tokenizer_path, max_steps, ckpt_path=N
     no_dropout = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": BLOCK, "resid_pdrop": 0.0}
     no_dropout.update(embd_pdrop=0.0, attn_pdrop=0.0)
     model = CausalLMModule(model_config=no_dropout, tokenizer=tokenizer_path, lr_scheduler="constant")
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         max_steps=max_steps,
         limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=bool(callbacks),
         callbacks=list(callbacks),
-        default_root_dir=str(tmp_path),
     )
     L.seed_everything(0)
     trainer.fit(model, data, ckpt_path=ckpt_path)
