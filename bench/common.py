@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lm_lightning.data.corpus import shared_data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "benchmarks.md"
-# The same folder the tests use: ../shared/data beside the checkout, or LM_LIGHTNING_SHARED_DATA.
-SHARED_DATA = Path(os.environ.get("LM_LIGHTNING_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED_DATA = shared_data_dir()
 WIKITEXT_FILES = {
     # The hub's train split is not available offline: its validation split stands in for train.
     "train": str(SHARED_DATA / "wikitext-2-v1" / "validation.parquet"),

@@ -29,8 +29,10 @@ import threading
 import time
 from pathlib import Path
 
+from lm_lightning.data.corpus import shared_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LM_LIGHTNING_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = shared_data_dir()
 WIKITEXT = SHARED / "wikitext-2-v1"
 TOKENIZER = SHARED / "gpt2-tokenizer"
 SECTION = "## Data preparation at scale"
@@ -107,7 +109,7 @@ def child_step(block_size: int, batch_size: int, steps: int) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lm_lightning.loss import causal_lm_nll
+    from lm_lightning.model.loss import causal_lm_nll
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_positions=max(block_size, 1024))).train()
@@ -231,7 +233,7 @@ def main() -> None:
     from lightning.fabric.utilities.throughput import _CUDA_FLOPS
     from transformers import GPT2Config
 
-    from lm_lightning.flops import training_flops_per_batch
+    from lm_lightning.model.flops import training_flops_per_batch
 
     h100 = _CUDA_FLOPS["h100 sxm"][torch.bfloat16]
     per_block = training_flops_per_batch(GPT2Config(), 1, args.block_size)

@@ -36,12 +36,6 @@ MODELS = {
 }
 
 
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, block: int) -> float:
-    """Training FLOPs per token: 6 N for the weight matmuls (forward and backward) plus 12 L T C for attention
-    (PaLM appendix B; nanoGPT's ``estimate_mfu``)."""
-    return 6 * n_params + 12 * n_layer * block * n_embd
-
-
 def bf16_matmul_peak(device: str, n: int = 8192, iterations: int = 50) -> float:
     """FLOP/s of a large bf16 matmul on this GPU, measured, not from a table (nanoGPT PR #464)."""
     import torch
@@ -197,12 +191,12 @@ def main() -> None:
         import torch
 
         peak = bf16_matmul_peak("cuda")
-        per_token = flops_per_token(
-            runs["ours"][0]["n_params"],
-            MODELS[args.model]["n_layer"],
-            MODELS[args.model]["n_embd"],
-            args.block,
-        )
+        from transformers import GPT2Config
+
+        from lm_lightning.model.flops import training_flops_per_token
+
+        config = GPT2Config(vocab_size=50257, n_positions=args.block, **MODELS[args.model])
+        per_token = training_flops_per_token(config, args.block)
         mfu = {side: per_token * r / peak for side, r in rate.items()}
         figures += (
             f"; MFU reference {mfu['reference']:.1%}, ours {mfu['ours']:.1%} of {peak / 1e12:.0f} TFLOP/s "

@@ -1,37 +1,54 @@
 """lm_lightning: train and fine-tune causal language models with PyTorch Lightning."""
 
-from lm_lightning.callbacks import TextGenerationCallback
-from lm_lightning.corpus import builtin_corpus, python_docs_texts
-from lm_lightning.data import BlockPacker, CausalLMDataModule
-from lm_lightning.flops import LMThroughputMonitor, training_flops_per_batch
-from lm_lightning.generation import PRESETS, DecodingConfig, GeneratedText, generate_texts, resolve_decoding
-from lm_lightning.loss import TokenNLL, causal_lm_nll
-from lm_lightning.module import CausalLMModule, check_compatible, export_checkpoint
+from importlib.metadata import PackageNotFoundError, version
+
+from lm_lightning.cli import cli_main
+from lm_lightning.data.corpus import builtin_corpus
+from lm_lightning.data.datamodule import CausalLMDataModule
+from lm_lightning.data.packing import BlockPacker
+from lm_lightning.data.streaming import StreamingBlocks
+from lm_lightning.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from lm_lightning.generation.callback import TextGenerationCallback
+from lm_lightning.generation.decoding import (
+    PRESETS,
+    DecodingConfig,
+    GeneratedText,
+    generate_texts,
+    resolve_decoding,
+)
+from lm_lightning.generation.writer import JSONLPredictionWriter
+from lm_lightning.model.flops import LMThroughputMonitor, training_flops_per_batch
+from lm_lightning.model.loss import TokenNLL, causal_lm_nll
+from lm_lightning.model.module import CausalLMModule, export_checkpoint
+from lm_lightning.model.parallel import transformer_block_policy
 from lm_lightning.progress import TokensPerSecondProgressBar
-from lm_lightning.streaming import StreamingBlocks
-from lm_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+try:
+    __version__ = version("lm_lightning")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "PRESETS",
-    "DecodingConfig",
-    "GeneratedText",
-    "TextGenerationCallback",
-    "generate_texts",
-    "resolve_decoding",
     "BlockPacker",
     "CausalLMDataModule",
     "CausalLMModule",
+    "DecodingConfig",
+    "GeneratedText",
+    "JSONLPredictionWriter",
     "LMThroughputMonitor",
     "StreamingBlocks",
+    "TextGenerationCallback",
     "TokenNLL",
     "TokensPerSecondProgressBar",
     "builtin_corpus",
     "causal_lm_nll",
-    "check_compatible",
+    "cli_main",
     "export_checkpoint",
+    "generate_texts",
     "load_tokenizer",
-    "python_docs_texts",
-    "training_flops_per_batch",
+    "resolve_decoding",
     "train_bpe_tokenizer",
+    "training_flops_per_batch",
+    "transformer_block_policy",
 ]
-__version__ = "0.1.0"

@@ -8,7 +8,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         from jsonargparse import auto_cli
 
-        from lm_lightning.module import export_checkpoint
+        from lm_lightning.model.module import export_checkpoint
 
         print(auto_cli(export_checkpoint, args=sys.argv[2:]))
         return

@@ -14,12 +14,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lm_lightning import checks
-from lm_lightning.checkpointing import AtomicCheckpointIO
-from lm_lightning.data import CausalLMDataModule
-from lm_lightning.faults import NonFiniteLossError
-from lm_lightning.module import CausalLMModule, check_compatible
-from lm_lightning.prediction import JSONLPredictionWriter
+from lm_lightning.data.datamodule import CausalLMDataModule
+from lm_lightning.errors import check_compatible, check_precision, is_user_error, report_and_exit
+from lm_lightning.generation.writer import JSONLPredictionWriter
+from lm_lightning.model.checkpointing import AtomicCheckpointIO, check_checkpoint, resolve_best, resolve_last
+from lm_lightning.model.faults import NonFiniteLossError
+from lm_lightning.model.module import CausalLMModule
 from lm_lightning.progress import TokensPerSecondProgressBar
 
 
@@ -92,11 +92,11 @@ class CausalLMCLI(LightningCLI):
         ckpt_path = config.ckpt_path
         if ckpt_path in ("last", "best"):
             dirs = [Path(d) for d in (config.last_checkpoint.dirpath, config.checkpoint.dirpath) if d]
-            root = checks.run_root(config.trainer.logger)
+            root = run_root(config.trainer.logger)
             if not dirs and root is not None:
                 dirs = [root]
-            last = checks.resolve_last(dirs, subcommand, f"--ckpt_path {ckpt_path}")
-            path = last if ckpt_path == "last" else checks.resolve_best(last, config.checkpoint.monitor)
+            last = resolve_last(dirs, subcommand, f"--ckpt_path {ckpt_path}")
+            path = last if ckpt_path == "last" else resolve_best(last, config.checkpoint.monitor)
             if path is None:
                 print(f"--ckpt_path last: no checkpoint in {', '.join(map(str, dirs))}; fit starts anew.")
                 config.ckpt_path = None
@@ -106,7 +106,7 @@ class CausalLMCLI(LightningCLI):
                 # Go on in the run's own version folder: its checkpoints and logs continue there.
                 config.trainer.logger.init_args.version = path.parent.parent.name
             print(f"--ckpt_path: {path}")
-        checks.check_checkpoint(ckpt_path)
+        check_checkpoint(ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self._config().trainer.enable_progress_bar is False:
@@ -122,7 +122,7 @@ class CausalLMCLI(LightningCLI):
     def _check_run(self) -> None:
         # Fails before any data is tokenized or any weights are loaded (the model's config only).
         config = self._config()
-        checks.check_precision(config.trainer.precision, self.trainer.accelerator)
+        check_precision(config.trainer.precision, self.trainer.accelerator)
         tokenizer = self.datamodule.tokenizer
         model_config = self.model.build_config(tokenizer)
         predicting = self.subcommand == "predict"  # prompts are not cut into blocks
@@ -158,8 +158,25 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
             run=run,
         )
     except NonFiniteLossError as err:
-        checks.report_and_exit(err, 1)
+        report_and_exit(err, 1)
     except Exception as err:
-        if checks.is_user_error(err):
-            checks.report_and_exit(err, 2)  # a settings error: the message says what to change
+        if is_user_error(err):
+            report_and_exit(err, 2)  # a settings error: the message says what to change
         raise
+
+
+def run_root(logger_config: Any) -> Path | None:
+    """``save_dir/name`` of a TensorBoard- or CSV-style logger config (a Namespace or dict), else ``None``."""
+    init_args = _get(logger_config, "init_args")
+    save_dir, name = _get(init_args, "save_dir"), _get(init_args, "name")
+    if save_dir is None:
+        return None
+    return Path(save_dir) / (name or "")
+
+
+def _get(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lm_lightning.corpus import python_docs_texts
-from lm_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
+from lm_lightning.data.corpus import python_docs_texts, shared_data_dir
+from lm_lightning.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
-SHARED_DATA = Path(os.environ.get("LM_LIGHTNING_SHARED_DATA", Path(__file__).parents[2] / "shared" / "data"))
+SHARED_DATA = shared_data_dir()
 WIKITEXT = SHARED_DATA / "wikitext-2-v1"
 GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
 
@@ -30,6 +27,28 @@ def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
         default_root_dir=str(tmp_path),
     )
     return L.Trainer(**{**defaults, **kwargs})
+
+
+class GradNorms(L.Callback):
+    """The total gradient norm of each optimizer step, before and after Lightning's gradient clipping."""
+
+    def __init__(self) -> None:
+        self.before: list[float] = []
+        self.after: list[float] = []
+
+    @staticmethod
+    def _norm(params) -> float:
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        return torch.stack(grads).norm().item()
+
+    def on_train_start(self, trainer, pl_module):
+        def record(optimizer, args, kwargs):
+            self.after.append(self._norm(p for g in optimizer.param_groups for p in g["params"]))
+
+        trainer.optimizers[0].register_step_post_hook(record)  # the gradients the step used
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # Lightning clips after this hook
+        self.before.append(self._norm(pl_module.parameters()))
 
 
 needs_shared_data = pytest.mark.skipif(

@@ -17,9 +17,9 @@ from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from lm_lightning import callbacks
-from lm_lightning.callbacks import TextGenerationCallback, _model_and_tokenizer
-from lm_lightning.generation import PRESETS, DecodingConfig
+from lm_lightning.generation import callback as callbacks
+from lm_lightning.generation.callback import TextGenerationCallback, _model_and_tokenizer
+from lm_lightning.generation.decoding import PRESETS, DecodingConfig
 
 PROMPTS = ["The", "def f(x): return"]
 KEYS = {"epoch", "step", "prompt", "preset", "index", "text", "num_new_tokens"}

@@ -13,8 +13,9 @@ import torch
 from conftest import GPT2_TOKENIZER, WIKITEXT, needs_shared_data
 from datasets import Dataset, DatasetDict
 
-from lm_lightning.data import BlockPacker, CausalLMDataModule
-from lm_lightning.tokenizer import load_tokenizer
+from lm_lightning.data.datamodule import CausalLMDataModule
+from lm_lightning.data.packing import BlockPacker
+from lm_lightning.data.tokenizer import load_tokenizer
 
 
 def _dm(tmp_path, **kwargs) -> CausalLMDataModule:
@@ -168,7 +169,7 @@ def test_warm_setup_reads_neither_the_texts_nor_the_tokenizer(
         raise AssertionError("a warm start loaded the source or the tokenizer")
 
     monkeypatch.setattr(CausalLMDataModule, "load_raw", forbidden)
-    monkeypatch.setattr("lm_lightning.data.load_tokenizer", forbidden)
+    monkeypatch.setattr("lm_lightning.data.datamodule.load_tokenizer", forbidden)
     dm2 = _dm(tmp_path, tokenizer=bpe_tokenizer_path, data_files=str(path), block_size=16)
     dm2.prepare_data()
     dm2.setup("fit")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from lm_lightning.generation import (
+from lm_lightning.generation.decoding import (
     PRESETS,
     DecodingConfig,
     GeneratedText,

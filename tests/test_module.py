@@ -13,7 +13,8 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lm_lightning import PRESETS, CausalLMDataModule, CausalLMModule, generate_texts
-from lm_lightning.loss import causal_lm_nll
+from lm_lightning.model.loss import causal_lm_nll
+from lm_lightning.model.optim import parameter_groups
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
 
@@ -136,7 +137,7 @@ def test_chunked_loss_gradients_equal_full_logits_gradients(tiny_gpt2, family):
 
 
 def test_chunked_linear_cross_entropy_with_bias_matches_autograd():
-    from lm_lightning.loss import _LinearCrossEntropy
+    from lm_lightning.model.loss import _LinearCrossEntropy
 
     torch.manual_seed(0)
     hidden = torch.randn(23, 8, requires_grad=True)
@@ -157,7 +158,7 @@ def test_weight_decay_groups(bpe_tokenizer):
     module = CausalLMModule(model_config=TINY, tokenizer=None, weight_decay=0.05)
     module.tokenizer = bpe_tokenizer
     module.configure_model()
-    decay, no_decay = module.parameter_groups()
+    decay, no_decay = parameter_groups(module.model, module.hparams.weight_decay)
     names = {id(p): n for n, p in module.model.named_parameters()}
     decay_names = {names[id(p)] for p in decay["params"]}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}

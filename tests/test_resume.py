@@ -12,14 +12,14 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import quiet_trainer
+from conftest import GradNorms, quiet_trainer
 from datasets import Dataset, DatasetDict
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lm_lightning import CausalLMDataModule, CausalLMModule
-from lm_lightning import checkpointing as ckpt_module
-from lm_lightning.checkpointing import AtomicCheckpointIO
-from lm_lightning.faults import NonFiniteLossError
+from lm_lightning.model import checkpointing as ckpt_module
+from lm_lightning.model.checkpointing import AtomicCheckpointIO
+from lm_lightning.model.faults import NonFiniteLossError
 
 KILLER = '''
 import os, signal
@@ -131,7 +131,7 @@ def test_atomic_save_leaves_the_previous_checkpoint_whole_when_it_fails(tmp_path
     io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
     def crash_midway(obj, file, *args, **kwargs):
-        file.write(b"PK\x03\x04 half a checkpoint")
+        Path(file).write_bytes(b"PK\x03\x04 half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt_module.torch, "save", crash_midway)
@@ -203,18 +203,27 @@ def test_nonfinite_loss_skip_leaves_weights_and_optimizer_alone(tmp_path, bpe_to
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def test_cli_clips_gradients_by_default(tmp_path):
+def test_cli_clips_gradients_at_one_by_default(tmp_path, bpe_tokenizer_path):
     from lm_lightning.cli import cli_main
 
-    args = ["--model.model_config", "{n_layer: 1}", "--data.corpus", "python-docs", "--data.tokenizer", "x"]
+    norms = GradNorms()
+    # Large initial weights: gradient norms well above 1, so that clipping has something to do.
+    args = ["--model.model_config", "{n_layer: 1, n_embd: 32, n_head: 2, initializer_range: 0.5}",
+            "--data.corpus", "python-docs",
+            "--data.tokenizer", bpe_tokenizer_path, "--data.block_size", "32", "--data.cache_dir",
+            str(tmp_path / "cache"), "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+            "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu"]  # fmt: skip
     cli = cli_main(args, run=False)
-    assert cli.trainer.gradient_clip_val == 1.0
-    cli = cli_main([*args, "--trainer.gradient_clip_val", "0.5"], run=False)
-    assert cli.trainer.gradient_clip_val == 0.5
+    cli.trainer.callbacks.append(norms)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert len(norms.after) == 3 and min(norms.before) > 1.0  # clipping had something to do
+    assert max(norms.after) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_last_and_best_are_found_in_earlier_versions(tmp_path):
-    from lm_lightning.checks import RunError, resolve_best, resolve_last
+    from lm_lightning.errors import RunError
+    from lm_lightning.model.checkpointing import resolve_best, resolve_last
 
     root = tmp_path / "runs" / "tiny"
     best = root / "version_0" / "checkpoints" / "epoch0-step4-ppl9.00.ckpt"

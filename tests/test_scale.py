@@ -1,4 +1,4 @@
-"""Scale: multi-process fit from the CLI, the FSDP recipe and its wrap policy, FLOPs, MFU, accumulation."""
+"""Scale: multi-process fit from the CLI, the block wrap policy, FLOPs, MFU, accumulation."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import torch
 import yaml
 from conftest import quiet_trainer
 from datasets import Dataset, DatasetDict
-from jsonargparse import ArgumentParser
 from lightning.fabric.utilities.throughput import measure_flops
-from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from lightning.pytorch.trainer.states import RunningStage
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
@@ -24,8 +22,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lm_lightning import CausalLMDataModule, CausalLMModule
-from lm_lightning.flops import LMThroughputMonitor, matmul_params, meta_model, training_flops_per_batch
-from lm_lightning.fsdp import transformer_block_classes, transformer_block_policy
+from lm_lightning.model.flops import LMThroughputMonitor, matmul_params, meta_model, training_flops_per_batch
+from lm_lightning.model.parallel import transformer_block_classes, transformer_block_policy
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
@@ -58,7 +56,7 @@ def test_two_process_ddp_streaming_fit_gives_a_checkpoint_one_process_loads_and_
                 "init_args": {"save_dir": str(tmp_path / "runs"), "name": "ddp"},
             },
             "callbacks": [
-                {"class_path": "lm_lightning.flops.LMThroughputMonitor", "init_args": {"window_size": 2}}
+                {"class_path": "lm_lightning.LMThroughputMonitor", "init_args": {"window_size": 2}}
             ],
         },
         "model": {"model_config": TINY, "learning_rate": 1e-3},
@@ -99,25 +97,7 @@ def test_two_process_ddp_streaming_fit_gives_a_checkpoint_one_process_loads_and_
         assert torch.equal(module.model(x).logits, exported(x).logits)
 
 
-# ------------------------------------------------------------------------------- FSDP recipe
-def test_fsdp_recipe_builds_its_strategy_with_the_block_policy():
-    # Lightning's FSDPStrategy needs CUDA to run (it refuses accelerator='cpu'), so on CPU this checks
-    # that the shipped YAML builds the strategy with the intended settings.
-    recipe = yaml.safe_load((CONFIGS / "gpt2-xl-fsdp.yaml").read_text())
-    parser = ArgumentParser()
-    parser.add_argument("--strategy", type=Strategy | str)
-    strategy = parser.instantiate_classes(
-        parser.parse_object({"strategy": recipe["trainer"]["strategy"]})
-    ).strategy
-    assert isinstance(strategy, FSDPStrategy)
-    assert strategy.kwargs["auto_wrap_policy"] is transformer_block_policy
-    assert strategy._state_dict_type == "sharded"
-    assert recipe["trainer"]["precision"] == "bf16-mixed"
-    assert recipe["trainer"]["strategy"]["init_args"]["activation_checkpointing_policy"] == (
-        "lm_lightning.fsdp.transformer_block_policy"
-    )
-
-
+# ------------------------------------------------------------------------------- FSDP wrap policy
 @pytest.mark.parametrize(
     ("config", "blocks"),
     [
@@ -157,10 +137,14 @@ def test_activation_checkpointing_on_the_blocks_keeps_loss_and_gradients():
 
 
 # ------------------------------------------------------------------------------- FLOPs and MFU
-@pytest.mark.parametrize("config", [GPT2Config(**TINY, vocab_size=128), TINY_LLAMA])
-def test_flops_formula_matches_torch_flop_counter(config):
+@pytest.mark.parametrize(
+    ("config", "seq"),
+    [(GPT2Config(**TINY, vocab_size=128), 32), (TINY_LLAMA, 32), (GPT2Config(), 1024)],
+    ids=["tiny-gpt2", "tiny-llama", "gpt2-124m"],
+)
+def test_flops_formula_matches_torch_flop_counter(config, seq):
     config._attn_implementation = "eager"  # the counter sees the attention matmuls as bmm
-    batch, seq = 2, 32
+    batch = 2
     model = meta_model(config)
     x = torch.randint(0, 128, (batch, seq), device="meta")
     measured = measure_flops(model, lambda: model(x).logits, loss_fn=lambda y: y.sum())
@@ -172,12 +156,6 @@ def test_flops_formula_matches_torch_flop_counter(config):
         for n, p in model.named_parameters()
         if p.dim() == 2 and "embed" not in n and "wte" not in n and "wpe" not in n
     ) + (model.get_output_embeddings().weight.numel() if model.config.tie_word_embeddings else 0)
-
-
-def test_gpt2_124m_flops_per_token_is_the_known_figure():
-    # 6 x 85M (12 blocks) + 6 x 38.6M (the tied head) + 12 x 12 x 768 x 1024 (attention) ~ 0.86 GFLOPs.
-    per_token = training_flops_per_batch(GPT2Config(), 1, 1024) / 1024
-    assert per_token == 6 * (12 * 7_077_888 + 50257 * 768) + 12 * 12 * 768 * 1024
 
 
 def _tiny_fit(
@@ -225,7 +203,12 @@ def test_throughput_monitor_logs_tokens_and_mfu_from_the_configured_peak(
     row = next(r for r in rows if r.get("train/device/mfu"))
     flops_per_sec = float(row["train/device/flops_per_sec"])
     assert float(row["train/device/mfu"]) == pytest.approx(flops_per_sec / 1e12)
-    assert model.flops_per_batch == training_flops_per_batch(model.model.config, 4, 32)
+    # The FLOPs it counts per batch are those torch's counter sees in a training step on a (4, 32) batch.
+    meta = meta_model(model.model.config)
+    x = torch.randint(0, 128, (4, 32), device="meta")
+    counted = measure_flops(meta, lambda: meta(x).logits, loss_fn=lambda y: y.sum())
+    per_batch = flops_per_sec / float(row["train/device/batches_per_sec"])
+    assert per_batch == pytest.approx(counted, rel=0.02)
     # tokens/s = samples/s x block size
     assert float(row["train/device/items_per_sec"]) == pytest.approx(
         32 * float(row["train/device/samples_per_sec"])

@@ -11,9 +11,10 @@ from conftest import quiet_trainer
 from datasets import Dataset, DatasetDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lm_lightning.data import CausalLMDataModule
-from lm_lightning.streaming import StreamingBlocks, stream_train_texts
-from lm_lightning.tokenizer import load_tokenizer
+from lm_lightning.data.datamodule import CausalLMDataModule
+from lm_lightning.data.sources import TextSource
+from lm_lightning.data.streaming import StreamingBlocks
+from lm_lightning.data.tokenizer import load_tokenizer
 
 BLOCK = 24
 
@@ -39,7 +40,7 @@ def _blocks(dataset_or_loader) -> list[tuple[int, ...]]:
 
 
 def _stream(files, tokenizer, **kwargs) -> StreamingBlocks:
-    texts = stream_train_texts(None, None, {"train": str(files[0]).replace("part-0", "part-*")})
+    texts = TextSource(data_files={"train": str(files[0]).replace("part-0", "part-*")}).stream_train()
     kwargs.setdefault("passes", 1)
     return StreamingBlocks(texts, tokenizer, block_size=BLOCK, map_batch_size=7, **kwargs)
 
@@ -134,7 +135,7 @@ def test_streaming_settings_that_cannot_work_fail_with_the_setting(tmp_path, sha
     )
     with pytest.raises(ValueError, match="needs a validation split"):
         dm.prepare_data()
-    texts = stream_train_texts(None, None, {"train": shard_files[0]})
+    texts = TextSource(data_files={"train": shard_files[0]}).stream_train()
     with pytest.raises(ValueError, match=r"1 shard\(s\) \(files\) for 2 processes"):
         StreamingBlocks(texts, load_tokenizer(bpe_tokenizer_path), rank=0, world_size=2)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,9 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
+
+from lm_lightning.errors import RunError
+from lm_lightning.io import atomic_path
 
 RNG_KEY = "lm_lightning_rng_states"
 
@@ -42,29 +44,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` so that ``path`` holds either its old content or all of the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the folder's entry is on disk.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -154,3 +135,52 @@ def read_checkpoint_hparams(path: str | os.PathLike, setting: str = "--ckpt_path
             "file written by fit."
         )
     return dict(checkpoint.get("hyper_parameters") or {})
+
+
+# Hyper-parameters that every CausalLMModule checkpoint holds.
+_MODULE_KEYS = {"model_name_or_path", "model_config", "loss_chunk_size"}
+
+
+def resolve_last(ckpt_dirs: list[Path], subcommand: str, setting: str = "--ckpt_path last") -> Path | None:
+    """The newest ``last*.ckpt`` in ``ckpt_dirs`` (each a run root or a checkpoint folder).
+
+    ``fit`` with nothing to resume starts from scratch (so ``--ckpt_path last`` can always be given);
+    ``validate``/``test``/``predict`` would silently evaluate untrained weights, so they fail instead.
+    """
+    found = [p for d in ckpt_dirs if (p := find_last_checkpoint(d)) is not None]
+    if found:
+        return max(found, key=lambda p: p.stat().st_mtime)
+    if subcommand != "fit":
+        raise RunError(
+            f"{setting}: no last*.ckpt under {', '.join(map(str, ckpt_dirs)) or 'any run folder'}. "
+            "Run fit first, or give the path of a checkpoint."
+        )
+    return None
+
+
+def resolve_best(last: Path | None, monitor: str | None) -> Path:
+    """The best checkpoint recorded in the newest ``last.ckpt`` by the ``ModelCheckpoint`` on ``monitor``."""
+    if last is None:
+        raise RunError("--ckpt_path best: no run with a last.ckpt was found to read the best one from.")
+    checkpoint = torch.load(last, map_location="cpu", mmap=True, weights_only=False)
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if key.startswith("ModelCheckpoint") and f"'monitor': {monitor!r}" in key:
+            best = state.get("best_model_path")
+            if best and os.path.isfile(best):
+                return Path(best)
+    raise RunError(f"--ckpt_path best: {str(last)!r} records no existing best checkpoint on {monitor!r}.")
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Fail when ``path`` is missing, or is not a Lightning checkpoint of a ``CausalLMModule``.
+
+    The model's settings then come from the checkpoint (LightningCLI applies its hyper-parameters over the
+    config), so its weights always fit the model that is built.
+    """
+    hparams = read_checkpoint_hparams(path)
+    if not set(hparams) >= _MODULE_KEYS:
+        raise RunError(
+            f"--ckpt_path={str(path)!r} is a Lightning checkpoint but not of a CausalLMModule (its "
+            f"hyper-parameters are {sorted(hparams) or 'empty'}). Give a checkpoint written by "
+            "lm_lightning fit."
+        )

@@ -2,110 +2,28 @@
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
 import os
-import shutil
-import tempfile
-import warnings
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_dataset
-from tokenizers import Tokenizer
+from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from lm_lightning.corpus import BUILTIN_CORPORA, builtin_corpus
-from lm_lightning.prompts import read_prompts
-from lm_lightning.streaming import StreamingBlocks, load_eval_splits, stateful_loader, stream_train_texts
-from lm_lightning.tokenizer import (
+from lm_lightning.data.packing import CACHE_FORMAT_VERSION, is_cached, read_block_cache, write_block_cache
+from lm_lightning.data.prompts import read_prompts
+from lm_lightning.data.sources import TextSource, check_text_column, fingerprint, hold_out_validation
+from lm_lightning.data.streaming import StreamingBlocks, stateful_loader
+from lm_lightning.data.tokenizer import (
+    cached_bpe_tokenizer,
     load_tokenizer,
     tokenizer_files_fingerprint,
     tokenizer_fingerprint,
-    train_bpe_tokenizer,
 )
-
-# torchdata 0.11 calls a deprecated torch function each time a stateful loader starts an epoch.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-# Bumped whenever the on-disk block format changes, so old caches are not read.
-CACHE_FORMAT_VERSION = 1
-_BUILDERS = {
-    ".txt": "text",
-    ".text": "text",
-    ".json": "json",
-    ".jsonl": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-}
-
-
-class BlockPacker:
-    """Tokenizes batches of texts and cuts their concatenation into ``block_size`` blocks.
-
-    The tokens left over after the last full block of a batch are carried into the next batch, so a
-    split loses at most one partial block at its very end (the reference ``group_texts`` drops a
-    remainder per 1,000-row map batch). With ``num_proc`` > 1 each process packs its own contiguous
-    shard, so at most one partial block per shard is dropped. Token ids are concatenated with NumPy,
-    linear in the batch (the reference ``sum(lists, [])`` is quadratic).
-    """
-
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        text_column: str,
-        block_size: int,
-        eos_between_texts: bool,
-    ) -> None:
-        # The tokenizer's own Rust backend, copied only when it would truncate or pad (see ``_encoder``).
-        self.backend = tokenizer.backend_tokenizer
-        self.text_column = text_column
-        self.block_size = block_size
-        self.eos_id = tokenizer.eos_token_id if eos_between_texts else None
-        if eos_between_texts and self.eos_id is None:
-            raise ValueError("eos_between_texts=True needs a tokenizer with an EOS token; this one has none.")
-        self.carry = np.empty(0, dtype=np.int32)
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, np.ndarray]:
-        texts = batch[self.text_column]
-        # encode_batch_fast skips the character offsets that nothing here uses.
-        ids = [enc.ids for enc in self._encoder().encode_batch_fast(texts)]
-        if self.eos_id is not None:
-            ids = [x + [self.eos_id] for x in ids if x]
-        total = sum(map(len, ids))
-        tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
-        if self.carry.size:
-            tokens = np.concatenate([self.carry, tokens])
-        n_blocks = tokens.size // self.block_size
-        cut = n_blocks * self.block_size
-        self.carry = tokens[cut:].copy()
-        return {"input_ids": tokens[:cut].reshape(n_blocks, self.block_size)}
-
-    def _encoder(self) -> Tokenizer:
-        """The Rust tokenizer, never truncating or padding.
-
-        A tokenizer.json may enable truncation, and a call such as ``tokenizer(..., truncation=True)``
-        leaves it enabled on the shared backend: either would cut long texts silently. Then a private
-        copy is made; otherwise the shared backend is used as is, because a copy costs a JSON round
-        trip (about 0.5 s for GPT-2's 3.5 MB tokenizer.json).
-        """
-        if self.backend.truncation is not None or self.backend.padding is not None:
-            self.backend = Tokenizer.from_str(self.backend.to_str())
-            self.backend.no_truncation()
-            self.backend.no_padding()
-        return self.backend
-
-    def count_tokens(self, texts: list[str]) -> int:
-        """Number of tokens ``texts`` give, EOS separators included."""
-        ids = [enc.ids for enc in self._encoder().encode_batch_fast(texts)]
-        return sum(len(x) + (self.eos_id is not None and bool(x)) for x in ids)
 
 
 class CausalLMDataModule(L.LightningDataModule):
@@ -181,21 +99,13 @@ class CausalLMDataModule(L.LightningDataModule):
         streaming: bool = False,
     ) -> None:
         super().__init__()
-        sources = {
-            "dataset_name": dataset_name,
-            "data_files": data_files,
-            "corpus": corpus,
-            "dataset": dataset,
-        }
-        given = [k for k, v in sources.items() if v is not None]
-        if len(given) > 1 or not given and prompts is None and prompts_file is None:
+        self.source = TextSource(dataset_name, dataset_config_name, data_files, corpus, dataset)
+        if not self.source.given and prompts is None and prompts_file is None:
             raise ValueError(
-                f"Give exactly one data source, got {given or 'none'}: set one of --data.dataset_name "
-                "(hub), --data.data_files (local files), --data.corpus (built-in: "
-                f"{', '.join(BUILTIN_CORPORA)}) or dataset= (an in-memory DatasetDict, from Python)."
+                "Give exactly one data source, got none: set one of --data.dataset_name (hub), "
+                "--data.data_files (local files), --data.corpus (built-in: python-docs) or dataset= (an "
+                "in-memory DatasetDict, from Python)."
             )
-        if corpus is not None and corpus not in BUILTIN_CORPORA:
-            raise ValueError(f"corpus={corpus!r} is unknown; built-in corpora: {list(BUILTIN_CORPORA)}.")
         if (tokenizer is None) == (train_tokenizer_vocab_size is None):
             raise ValueError(
                 "Set exactly one of tokenizer (a name or path, e.g. 'gpt2') and train_tokenizer_vocab_size "
@@ -223,19 +133,10 @@ class CausalLMDataModule(L.LightningDataModule):
                 "with a given tokenizer; in-memory datasets, built-in corpora and a tokenizer trained on the "
                 "train split need the whole split: set --data.streaming false."
             )
-        if isinstance(dataset, Dataset):
-            dataset = DatasetDict({"train": dataset})
-        if isinstance(data_files, str):
-            data_files = {"train": data_files}
         # The tokenizer is the model's hyperparameter (the CLI links it there, the module records the one it
         # takes from here): saved twice, Lightning refuses to log the two when the module's was left unset.
         self.save_hyperparameters(ignore=["dataset", "tokenizer"])
         self.tokenizer_spec = tokenizer
-        self.dataset_name = dataset_name
-        self.dataset_config_name = dataset_config_name
-        self.data_files = data_files
-        self.corpus = corpus
-        self.dataset = dataset
         self.text_column = text_column
         self._block_size = block_size
         self.validation_split_percentage = validation_split_percentage
@@ -249,7 +150,7 @@ class CausalLMDataModule(L.LightningDataModule):
         self.map_batch_size = map_batch_size
         self.cache_root = Path(cache_dir) if cache_dir else _default_cache_root()
         self.seed = seed
-        self.has_source = bool(given)
+        self.has_source = self.source.given
         # Read now: a missing or empty prompts file fails before any model is loaded.
         self.prompts = read_prompts(prompts_file) if prompts_file is not None else prompts
         self.prompts_file = prompts_file
@@ -257,7 +158,7 @@ class CausalLMDataModule(L.LightningDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._tokenizer_path: str | None = tokenizer if isinstance(tokenizer, str) else None
         self.datasets: dict[str, Dataset] = {}
-        self._blocks_path: Path | None = None
+        self.cache_path: Path | None = None
         self._raw: DatasetDict | None = None  # the source, when loading it was needed for the cache key
         # Many tokenizer processes already use the cores: keep each single-threaded (and silent when
         # DataLoader workers fork). One process: let the Rust tokenizer use all cores.
@@ -271,36 +172,17 @@ class CausalLMDataModule(L.LightningDataModule):
                 "No data source: set one of --data.dataset_name, --data.data_files or --data.corpus "
                 "(only predict works on prompts alone)."
             )
-        if self.dataset is not None:
-            raw = self.dataset
-        elif self.corpus is not None:
-            raw = DatasetDict({"train": builtin_corpus(self.corpus)})
-        elif self.streaming:  # the train split is streamed (stream_train_texts), not loaded
-            raw = load_eval_splits(self.dataset_name, self.dataset_config_name, self.data_files)
-        elif self.data_files is not None:
-            raw = _load_data_files(self.data_files)
-        else:
-            raw = load_dataset(self.dataset_name, self.dataset_config_name)
-        raw = DatasetDict(raw)
+        raw = self.source.load(streaming=self.streaming)
         if "train" not in raw and not self.streaming:
             raise ValueError(f"The data source has no 'train' split; its splits are {list(raw)}.")
         for split, ds in raw.items():
-            _check_text_column(ds, self.text_column, split)
+            check_text_column(ds, self.text_column, split)
         if "validation" not in raw and self.streaming:
             raise ValueError(
                 "streaming=True needs a validation split in the source (a streamed train split cannot be "
                 "held out from): give --data.data_files.validation, or set --data.streaming false."
             )
-        if "validation" not in raw:
-            # keep_in_memory only without cache files: datasets 5.2 then also names an indices cache file
-            # for a file-backed split and raises "use either keep_in_memory or indices_cache_file_name".
-            held_out = raw["train"].train_test_split(
-                test_size=self.validation_split_percentage / 100,
-                seed=self.seed,
-                keep_in_memory=not raw["train"].cache_files,
-            )
-            raw["train"], raw["validation"] = held_out["train"], held_out["test"]
-        return DatasetDict({k: raw[k] for k in ("train", "validation", "test") if k in raw})
+        return hold_out_validation(raw, self.validation_split_percentage, self.seed)
 
     # ----------------------------------------------------------------------------- tokenizer
     @property
@@ -321,14 +203,10 @@ class CausalLMDataModule(L.LightningDataModule):
         return self._tokenizer_path
 
     def _trained_tokenizer(self, raw: DatasetDict) -> PreTrainedTokenizerBase:
-        train = raw["train"]
-        key = _hash([train._fingerprint, self.text_column, self.train_tokenizer_vocab_size])
-        path = self.cache_root / "tokenizers" / f"bpe{self.train_tokenizer_vocab_size}-{key}"
-        self._tokenizer_path = str(path)
-        if (path / "tokenizer.json").exists():
-            return load_tokenizer(str(path))
-        batches = (b[self.text_column] for b in train.iter(batch_size=1000))
-        return train_bpe_tokenizer(chain.from_iterable(batches), self.train_tokenizer_vocab_size, path)
+        tokenizer, self._tokenizer_path = cached_bpe_tokenizer(
+            raw["train"], self.text_column, self.train_tokenizer_vocab_size, self.cache_root
+        )
+        return tokenizer
 
     @property
     def block_size(self) -> int:
@@ -346,18 +224,18 @@ class CausalLMDataModule(L.LightningDataModule):
         Other sources are keyed by their ``datasets`` fingerprint, which needs them loaded (kept for
         ``prepare_data`` in ``_raw``); a tokenizer object by its serialised form.
         """
-        if self._blocks_path is None:
-            source: Any = _local_files_fingerprint(self.data_files) if self.data_files else None
+        if self.cache_path is None:
+            source: Any = self.source.files_fingerprint()
             if source is None:
                 self._raw = self.load_raw()
                 source = {split: ds._fingerprint for split, ds in self._raw.items()}
-            elif "validation" not in self.data_files:  # the held-out rows depend on these
+            elif "validation" not in self.source.data_files:  # the held-out rows depend on these
                 source = [source, self.validation_split_percentage, self.seed]
             if isinstance(self.tokenizer_spec, str) and os.path.isdir(self.tokenizer_spec):
                 tokenizer_key = tokenizer_files_fingerprint(self.tokenizer_spec)
             else:
                 tokenizer_key = tokenizer_fingerprint(self.tokenizer)
-            key = _hash(
+            key = fingerprint(
                 [
                     CACHE_FORMAT_VERSION,
                     source,
@@ -365,10 +243,12 @@ class CausalLMDataModule(L.LightningDataModule):
                     self.text_column,
                     self.block_size,
                     self.eos_between_texts,
+                    # With several processes each packs its own shard and drops its own partial block.
+                    self.num_proc,
                 ]
             )
-            self._blocks_path = self.cache_root / "blocks" / key
-        return self._blocks_path
+            self.cache_path = self.cache_root / "blocks" / key
+        return self.cache_path
 
     def prepare_data(self) -> None:
         """Tokenize and pack every split into the on-disk cache, unless it is there already."""
@@ -376,64 +256,30 @@ class CausalLMDataModule(L.LightningDataModule):
             return
         path = self._cache_path()
         raw, self._raw = self._raw, None  # not kept: the module holds only the packed blocks
-        if (path / "manifest.json").exists():
+        if is_cached(path):
             return
-        if raw is None:
-            raw = self.load_raw()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-        try:
-            manifest = {"block_size": self.block_size, "splits": {}}
-            for split, ds in raw.items():
-                packer = BlockPacker(
-                    self.tokenizer, self.text_column, self.block_size, self.eos_between_texts
-                )
-                blocks = ds.map(
-                    packer,
-                    batched=True,
-                    batch_size=self.map_batch_size,
-                    remove_columns=ds.column_names,
-                    features=Features({"input_ids": List(Value("int32"), length=self.block_size)}),
-                    cache_file_name=str(tmp / f"{split}.arrow"),
-                    num_proc=self.num_proc if self.num_proc > 1 else None,
-                    desc=f"Tokenizing and packing {split} into blocks of {self.block_size}",
-                )
-                if len(blocks) == 0:
-                    n_tokens = packer.count_tokens(ds[self.text_column])
-                    raise ValueError(
-                        f"The {split!r} split has {n_tokens} tokens, fewer than one block "
-                        f"(block_size={self.block_size}): lower --data.block_size or give more text."
-                    )
-                files = [os.path.relpath(f["filename"], tmp) for f in blocks.cache_files]
-                manifest["splits"][split] = {"files": files, "num_blocks": len(blocks)}
-                del blocks
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                if not (path / "manifest.json").exists():  # not a concurrent writer that won
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_block_cache(
+            raw if raw is not None else self.load_raw(),
+            path,
+            self.tokenizer,
+            text_column=self.text_column,
+            block_size=self.block_size,
+            eos_between_texts=self.eos_between_texts,
+            map_batch_size=self.map_batch_size,
+            num_proc=self.num_proc,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Memory-map the packed blocks from the cache (packing them first if absent)."""
         if self.datasets or stage == "predict" or not self.has_source:
             return
         path = self._cache_path()
-        if not (path / "manifest.json").exists():
+        if not is_cached(path):
             self.prepare_data()
         self._raw = None
-        manifest = json.loads((path / "manifest.json").read_text())
-        for split, info in manifest["splits"].items():
-            parts = [Dataset.from_file(str(path / f)) for f in info["files"]]
-            ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-            self.datasets[split] = ds.with_format("torch", columns=["input_ids"])
-        self.cache_path = path
+        self.datasets = read_block_cache(path)
         if self.streaming:
-            self.train_texts = stream_train_texts(
-                self.dataset_name, self.dataset_config_name, self.data_files
-            )
+            self.train_texts = self.source.stream_train()
 
     def _predicting(self) -> bool:
         trainer = self.trainer
@@ -544,75 +390,3 @@ def _default_cache_root() -> Path:
     from datasets import config
 
     return Path(config.HF_DATASETS_CACHE) / "lm_lightning"
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _local_files_fingerprint(data_files: dict[str, str]) -> dict[str, list] | None:
-    """Per split, each file's absolute path, size and modification time; ``None`` unless all are local.
-
-    This is how ``datasets`` fingerprints local data files, so an edited file gives another cache key.
-    Patterns matching nothing give ``None`` too: loading the source then raises the clear error.
-    """
-    files = {}
-    for split, pattern in data_files.items():
-        if "://" in pattern:
-            return None
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matches:
-            return None
-        stats = [(os.path.abspath(m), os.stat(m)) for m in matches]
-        files[split] = [[path, st.st_size, st.st_mtime_ns] for path, st in stats]
-    return files
-
-
-def _load_data_files(data_files: dict[str, str]) -> DatasetDict:
-    builders = set()
-    for split, pattern in data_files.items():
-        if "://" not in pattern:
-            matches = sorted(glob.glob(os.path.expanduser(pattern)))
-            if not matches:
-                raise FileNotFoundError(
-                    f"data_files[{split!r}]={pattern!r}: no such file. Give an existing path or glob."
-                )
-            for m in matches:
-                if os.path.getsize(m) == 0:
-                    raise ValueError(f"data_files[{split!r}]: {m!r} is empty; give a file with text in it.")
-        suffix = Path(pattern.split("::")[0]).suffix.lower()
-        if suffix not in _BUILDERS:
-            raise ValueError(
-                f"data_files[{split!r}]={pattern!r}: unsupported file type {suffix!r}; "
-                f"use one of {sorted(_BUILDERS)}."
-            )
-        builders.add(_BUILDERS[suffix])
-    if len(builders) > 1:
-        raise ValueError(f"data_files mixes file types {sorted(builders)}; use one type for all splits.")
-    builder = builders.pop()
-    kwargs = {"keep_linebreaks": True} if builder == "text" else {}
-    try:
-        return load_dataset(builder, data_files=data_files, **kwargs)
-    except Exception as err:
-        cause: BaseException | None = err
-        while cause is not None:
-            if isinstance(cause, UnicodeDecodeError):
-                raise ValueError(
-                    f"data_files={data_files}: a file is not valid UTF-8 ({cause}); convert it to UTF-8."
-                ) from err
-            cause = cause.__cause__ or cause.__context__
-        raise
-
-
-def _check_text_column(ds: Dataset, text_column: str, split: str) -> None:
-    if text_column not in ds.column_names:
-        raise ValueError(
-            f"text_column={text_column!r} is not a column of the {split!r} split; its columns are "
-            f"{ds.column_names}. Set --data.text_column to one of them."
-        )
-    feature = ds.features[text_column]
-    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
-        raise ValueError(
-            f"text_column={text_column!r} in the {split!r} split holds {feature}, not text; "
-            f"choose a string column among {ds.column_names}."
-        )

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lm_lightning.checkpointing import newest_checkpoint
+from lm_lightning.model.checkpointing import newest_checkpoint
 
 NonFiniteAction = Literal["raise", "skip"]
 

@@ -10,8 +10,8 @@ A YAML config names it by import path, so ``--print_config`` shows it as written
     strategy:
       class_path: lightning.pytorch.strategies.FSDPStrategy
       init_args:
-        auto_wrap_policy: lm_lightning.fsdp.transformer_block_policy
-        activation_checkpointing_policy: lm_lightning.fsdp.transformer_block_policy
+        auto_wrap_policy: lm_lightning.model.parallel.transformer_block_policy
+        activation_checkpointing_policy: lm_lightning.model.parallel.transformer_block_policy
 """
 
 from __future__ import annotations
@@ -47,6 +47,6 @@ def transformer_block_policy(module: nn.Module, recurse: bool, nonwrapped_numel:
 
 def transformer_block_classes(config: PretrainedConfig) -> set[type[nn.Module]]:
     """The block classes the policy selects in the model of ``config`` (built on the meta device)."""
-    from lm_lightning.flops import meta_model
+    from lm_lightning.model.flops import meta_model
 
     return {type(m) for m in meta_model(config).modules() if is_transformer_block_class(type(m))}

@@ -1,7 +1,7 @@
-"""Up-front checks of a run's settings: each fails before any compute, naming the setting, value and remedy.
+"""User errors: up-front checks that need more than one object, and how the CLI reports any error.
 
-The data module and the module check their own arguments when they are built; what is checked here needs
-more than one object (the trainer's accelerator and precision, a checkpoint against the configured model).
+Each check fails before any compute, naming the setting, the value and the remedy. The data module and the
+module check their own arguments when they are built.
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from lm_lightning.checkpointing import find_last_checkpoint, read_checkpoint_hparams
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 DEBUG_ENV = "LM_LIGHTNING_DEBUG"
-# Hyper-parameters that every CausalLMModule checkpoint holds.
-_MODULE_KEYS = {"model_name_or_path", "model_config", "loss_chunk_size"}
 _PACKAGE = str(Path(__file__).parent)
 
 
@@ -50,57 +47,22 @@ def check_precision(precision: Any, accelerator: Any) -> None:
         )
 
 
-def run_root(logger_config: Any) -> Path | None:
-    """``save_dir/name`` of a TensorBoard- or CSV-style logger config (a Namespace or dict), else ``None``."""
-    init_args = _get(logger_config, "init_args")
-    save_dir, name = _get(init_args, "save_dir"), _get(init_args, "name")
-    if save_dir is None:
-        return None
-    return Path(save_dir) / (name or "")
-
-
-def resolve_last(ckpt_dirs: list[Path], subcommand: str, setting: str = "--ckpt_path last") -> Path | None:
-    """The newest ``last*.ckpt`` in ``ckpt_dirs`` (each a run root or a checkpoint folder).
-
-    ``fit`` with nothing to resume starts from scratch (so ``--ckpt_path last`` can always be given);
-    ``validate``/``test``/``predict`` would silently evaluate untrained weights, so they fail instead.
-    """
-    found = [p for d in ckpt_dirs if (p := find_last_checkpoint(d)) is not None]
-    if found:
-        return max(found, key=lambda p: p.stat().st_mtime)
-    if subcommand != "fit":
+def check_compatible(
+    config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None, block_size: int | None
+) -> None:
+    """Raise when the data cannot go through the model: blocks too long, or token ids out of range."""
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if block_size is not None and max_positions is not None and block_size > max_positions:
         raise RunError(
-            f"{setting}: no last*.ckpt under {', '.join(map(str, ckpt_dirs)) or 'any run folder'}. "
-            "Run fit first, or give the path of a checkpoint."
+            f"block_size={block_size} is larger than the model's context of {max_positions} positions: set "
+            f"--data.block_size to at most {max_positions} (or raise n_positions when training from scratch)."
         )
-    return None
-
-
-def resolve_best(last: Path | None, monitor: str | None) -> Path:
-    """The best checkpoint recorded in the newest ``last.ckpt`` by the ``ModelCheckpoint`` on ``monitor``."""
-    if last is None:
-        raise RunError("--ckpt_path best: no run with a last.ckpt was found to read the best one from.")
-    checkpoint = torch.load(last, map_location="cpu", mmap=True, weights_only=False)
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if key.startswith("ModelCheckpoint") and f"'monitor': {monitor!r}" in key:
-            best = state.get("best_model_path")
-            if best and os.path.isfile(best):
-                return Path(best)
-    raise RunError(f"--ckpt_path best: {str(last)!r} records no existing best checkpoint on {monitor!r}.")
-
-
-def check_checkpoint(path: str | os.PathLike) -> None:
-    """Fail when ``path`` is missing, or is not a Lightning checkpoint of a ``CausalLMModule``.
-
-    The model's settings then come from the checkpoint (LightningCLI applies its hyper-parameters over the
-    config), so its weights always fit the model that is built.
-    """
-    hparams = read_checkpoint_hparams(path)
-    if not set(hparams) >= _MODULE_KEYS:
+    vocab_size = getattr(config, "vocab_size", None)
+    if tokenizer is not None and vocab_size is not None and len(tokenizer) > vocab_size:
         raise RunError(
-            f"--ckpt_path={str(path)!r} is a Lightning checkpoint but not of a CausalLMModule (its "
-            f"hyper-parameters are {sorted(hparams) or 'empty'}). Give a checkpoint written by "
-            "lm_lightning fit."
+            f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab_size} rows: "
+            "token ids would be out of range. Use the model's own tokenizer, or train from scratch with "
+            "vocab_size >= the tokenizer's size."
         )
 
 
@@ -142,11 +104,3 @@ def report_and_exit(err: BaseException, code: int) -> None:
     if os.environ.get(DEBUG_ENV, "") in ("", "0"):
         print(f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
     raise SystemExit(code)
-
-
-def _get(obj: Any, key: str) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, dict):
-        return obj.get(key)
-    return getattr(obj, key, None)

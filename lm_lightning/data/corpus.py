@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from datasets import Dataset
 
 BUILTIN_CORPORA = ("python-docs",)
@@ -28,3 +31,12 @@ def builtin_corpus(name: str) -> Dataset:
     if name == "python-docs":
         return Dataset.from_dict({"text": python_docs_texts()})
     raise ValueError(f"corpus={name!r} is not a built-in corpus; choose one of {list(BUILTIN_CORPORA)}.")
+
+
+def shared_data_dir() -> Path:
+    """Offline copies of hub data (WikiText-2, the GPT-2 tokenizer) for the tests and benchmarks.
+
+    ``$LM_LIGHTNING_SHARED_DATA``, else ``shared/data`` beside the source checkout (``../shared/data``).
+    """
+    default = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return Path(os.environ.get("LM_LIGHTNING_SHARED_DATA", default))

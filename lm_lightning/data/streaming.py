@@ -1,7 +1,7 @@
 """Training blocks tokenized and packed on the fly from a streamed corpus (no download, no cache).
 
 ``StreamingBlocks`` reads a ``datasets.IterableDataset`` of texts one shard (file) at a time and packs each
-shard into ``block_size`` blocks with :class:`~lm_lightning.data.BlockPacker`. Shards are dealt out
+shard into ``block_size`` blocks with :class:`~lm_lightning.data.packing.BlockPacker`. Shards are dealt out
 whole: to DDP ranks as ``datasets.distributed.split_dataset_by_node(strategy="shards")`` deals them
 (rank ``r`` of ``R`` gets every ``R``-th shard), then to the rank's DataLoader workers the way ``datasets``
 deals shards to workers. Each shard is packed on its own, so every process of every rank sees a disjoint
@@ -21,18 +21,22 @@ the next block.
 
 from __future__ import annotations
 
-import glob
 import os
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import IterableDataset as HFIterableDataset
 from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
+
+from lm_lightning.data.packing import BlockPacker
+
+# torchdata 0.11 calls a deprecated torch function each time a stateful loader starts an epoch.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 class StreamingBlocks(IterableDataset):
@@ -97,8 +101,6 @@ class StreamingBlocks(IterableDataset):
         return order[self.rank :: self.world_size][worker::num_workers]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        from lm_lightning.data import BlockPacker
-
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
@@ -153,68 +155,15 @@ class StreamingBlocks(IterableDataset):
         self._resume = dict(state_dict) if state_dict else None
 
 
-# --------------------------------------------------------------------------------- sources and loader
-def stream_train_texts(
-    dataset_name: str | None, dataset_config_name: str | None, data_files: dict[str, str] | None
-) -> HFIterableDataset:
-    """The train split as a ``datasets.IterableDataset``: read lazily, one shard (file) at a time."""
-    from datasets import load_dataset
-
-    if data_files is None:
-        return load_dataset(dataset_name, dataset_config_name, split="train", streaming=True)
-    from lm_lightning.data import _BUILDERS
-
-    pattern = data_files["train"]
-    if "://" not in pattern and not glob.glob(os.path.expanduser(pattern)):
-        raise FileNotFoundError(
-            f"data_files['train']={pattern!r}: no such file. Give an existing path or glob."
-        )
-    builder = _BUILDERS.get(Path(pattern.split("::")[0]).suffix.lower())
-    if builder is None:
-        raise ValueError(
-            f"data_files['train']={pattern!r}: unsupported file type; use one of {sorted(_BUILDERS)}."
-        )
-    kwargs = {"keep_linebreaks": True} if builder == "text" else {}
-    return load_dataset(builder, data_files={"train": pattern}, split="train", streaming=True, **kwargs)
-
-
-def load_eval_splits(
-    dataset_name: str | None, dataset_config_name: str | None, data_files: dict[str, str] | None
-):
-    """The source's ``validation`` and ``test`` splits, map-style; the train split is not touched."""
-    from datasets import DatasetDict, get_dataset_split_names, load_dataset
-
-    if data_files is not None:
-        from lm_lightning.data import _load_data_files
-
-        if "train" not in data_files:
-            raise ValueError(f"data_files has no 'train' split; its splits are {list(data_files)}.")
-        files = {k: v for k, v in data_files.items() if k != "train"}
-        return _load_data_files(files) if files else DatasetDict()
-    splits = [
-        s for s in get_dataset_split_names(dataset_name, dataset_config_name) if s in ("validation", "test")
-    ]
-    return DatasetDict({s: load_dataset(dataset_name, dataset_config_name, split=s) for s in splits})
-
-
-def stateful_loader(dataset: StreamingBlocks, **kwargs: Any) -> torch.utils.data.DataLoader:
+# --------------------------------------------------------------------------------- loader
+def stateful_loader(dataset: StreamingBlocks, **kwargs: Any) -> StatefulDataLoader:
     """A loader whose ``state_dict`` Lightning checkpoints (every worker's stream position included).
 
     torchdata's ``StatefulDataLoader``, reporting the position *before* the last batch it gave: Lightning's
     training loop draws one batch ahead of the step it trains (``_PrefetchDataFetcher``, to know which
     batch is last), so a checkpoint written after step ``k`` is taken when batch ``k + 1`` has been drawn
-    but not trained on; the loader's own position would skip it on resume. Without torchdata, a plain
-    ``DataLoader``, and a resumed fit restarts the stream.
+    but not trained on; the loader's own position would skip it on resume.
     """
-    try:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-    except ImportError:
-        warnings.warn(
-            "torchdata is not installed: a resumed streaming fit restarts the stream from its beginning. "
-            "pip install torchdata to resume mid-pass.",
-            stacklevel=2,
-        )
-        return torch.utils.data.DataLoader(dataset, **kwargs)
 
     class OneBatchBehindLoader(StatefulDataLoader):
         def __iter__(self) -> Iterator[Any]:

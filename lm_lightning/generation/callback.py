@@ -12,7 +12,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from transformers import PreTrainedTokenizerBase
 
-from lm_lightning.generation import DecodingConfig, GeneratedText, generate_texts, resolve_decodings
+from lm_lightning.data.tokenizer import find_tokenizer
+from lm_lightning.generation.decoding import DecodingConfig, GeneratedText, generate_texts, resolve_decodings
 
 _COLUMNS = ["epoch", "step", "preset", "index", "prompt", "text", "num_new_tokens"]
 
@@ -40,8 +41,9 @@ class TextGenerationCallback(L.Callback):
         """
         Args:
             prompts: The texts to continue.
-            decodings: Preset names (see ``lm_lightning.generation.PRESETS``), decoding settings, or mappings
-                of a ``preset`` and the settings that override it; default ``["greedy", "top_k_top_p"]``.
+            decodings: Preset names (see ``lm_lightning.generation.decoding.PRESETS``), decoding settings,
+                or mappings of a ``preset`` and the settings that override it; default
+                ``["greedy", "top_k_top_p"]``.
             every_n_steps: Generate every this many optimizer steps instead of at each validation end.
             max_new_tokens: Overrides the length of every decoding setting.
             jsonl_name: Name of the JSONL file of samples in the run's log folder.
@@ -139,9 +141,7 @@ def _model_and_tokenizer(
             f"TextGenerationCallback needs the LightningModule to hold a Hugging Face causal LM as `.model`; "
             f"{type(pl_module).__name__}.model is {type(model).__name__}."
         )
-    tokenizer = getattr(pl_module, "tokenizer", None)
-    if tokenizer is None:
-        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+    tokenizer = find_tokenizer(pl_module, trainer)
     if tokenizer is None:
         raise AttributeError(
             f"TextGenerationCallback needs a tokenizer: set `.tokenizer` on {type(pl_module).__name__} or on "

@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
+from itertools import chain
 from pathlib import Path
+from typing import Any
 
+from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from lm_lightning.data.sources import fingerprint
+from lm_lightning.io import atomic_path
 
 EOS_TOKEN = "<|endoftext|>"
 # Files of a model folder that never change how text is tokenized, and are too large to hash quickly.
@@ -94,14 +98,26 @@ def train_bpe_tokenizer(
         unk_token=EOS_TOKEN,
         model_max_length=1024,
     )
-    save_dir = Path(save_dir)
-    save_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.tmp"))
-    try:
+    with atomic_path(save_dir, directory=True) as tmp:
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, save_dir)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not save_dir.exists():  # a concurrent process may have won the race
-            raise
     return load_tokenizer(str(save_dir))
+
+
+def cached_bpe_tokenizer(
+    train: Dataset, text_column: str, vocab_size: int, cache_root: str | os.PathLike
+) -> tuple[PreTrainedTokenizerFast, str]:
+    """A BPE tokenizer trained on ``train``'s texts, and its folder, cached by the data's fingerprint."""
+    key = fingerprint([train._fingerprint, text_column, vocab_size])
+    path = Path(cache_root) / "tokenizers" / f"bpe{vocab_size}-{key}"
+    if (path / "tokenizer.json").exists():
+        return load_tokenizer(str(path)), str(path)
+    batches = (b[text_column] for b in train.iter(batch_size=1000))
+    return train_bpe_tokenizer(chain.from_iterable(batches), vocab_size, path), str(path)
+
+
+def find_tokenizer(pl_module: Any, trainer: Any = None) -> PreTrainedTokenizerBase | None:
+    """The tokenizer a LightningModule works with: its own ``tokenizer``, else its data module's."""
+    tokenizer = getattr(pl_module, "tokenizer", None)
+    if tokenizer is None and trainer is not None:
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+    return tokenizer

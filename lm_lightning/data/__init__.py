@@ -1,0 +1,1 @@
+"""Texts to batches: sources, tokenizers, packing into blocks, streaming, and the LightningDataModule."""

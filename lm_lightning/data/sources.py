@@ -1,0 +1,194 @@
+"""Where texts come from: hub datasets, local files, built-in corpora or in-memory datasets, as a DatasetDict.
+
+Also the fingerprint of local files that keys the block cache, so a warm start reads no text.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, IterableDataset, Value, load_dataset
+
+from lm_lightning.data.corpus import BUILTIN_CORPORA, builtin_corpus
+
+# File suffix -> the ``datasets`` builder that reads it.
+BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+
+
+@dataclass
+class TextSource:
+    """Exactly one of a hub dataset, local files, a built-in corpus or an in-memory ``DatasetDict``."""
+
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    data_files: dict[str, str] | None = None
+    corpus: str | None = None
+    dataset: DatasetDict | None = None
+
+    def __post_init__(self) -> None:
+        sources = {
+            "dataset_name": self.dataset_name,
+            "data_files": self.data_files,
+            "corpus": self.corpus,
+            "dataset": self.dataset,
+        }
+        given = [k for k, v in sources.items() if v is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"Give exactly one data source, got {given}: set one of --data.dataset_name "
+                "(hub), --data.data_files (local files), --data.corpus (built-in: "
+                f"{', '.join(BUILTIN_CORPORA)}) or dataset= (an in-memory DatasetDict, from Python)."
+            )
+        if self.corpus is not None and self.corpus not in BUILTIN_CORPORA:
+            raise ValueError(f"corpus={self.corpus!r} is unknown; built-in corpora: {list(BUILTIN_CORPORA)}.")
+        if isinstance(self.dataset, Dataset):
+            self.dataset = DatasetDict({"train": self.dataset})
+        if isinstance(self.data_files, str):
+            self.data_files = {"train": self.data_files}
+
+    @property
+    def given(self) -> bool:
+        """Whether any source is set (``predict`` runs on prompts alone)."""
+        return any(v is not None for v in (self.dataset_name, self.data_files, self.corpus, self.dataset))
+
+    def load(self, streaming: bool = False) -> DatasetDict:
+        """The source's splits as map-style datasets; with ``streaming``, its ``validation``/``test`` only."""
+        if self.dataset is not None:
+            return DatasetDict(self.dataset)
+        if self.corpus is not None:
+            return DatasetDict({"train": builtin_corpus(self.corpus)})
+        if streaming:
+            return self._eval_splits()
+        if self.data_files is not None:
+            return load_data_files(self.data_files)
+        return load_dataset(self.dataset_name, self.dataset_config_name)
+
+    def stream_train(self) -> IterableDataset:
+        """The train split as a ``datasets.IterableDataset``: read lazily, one shard (file) at a time."""
+        if self.data_files is None:
+            return load_dataset(self.dataset_name, self.dataset_config_name, split="train", streaming=True)
+        pattern = self.data_files["train"]
+        builder, kwargs = _builder("train", pattern)
+        return load_dataset(builder, data_files={"train": pattern}, split="train", streaming=True, **kwargs)
+
+    def _eval_splits(self) -> DatasetDict:
+        if self.data_files is not None:
+            if "train" not in self.data_files:
+                raise ValueError(f"data_files has no 'train' split; its splits are {list(self.data_files)}.")
+            files = {k: v for k, v in self.data_files.items() if k != "train"}
+            return load_data_files(files) if files else DatasetDict()
+        from datasets import get_dataset_split_names
+
+        names = get_dataset_split_names(self.dataset_name, self.dataset_config_name)
+        return DatasetDict(
+            {
+                split: load_dataset(self.dataset_name, self.dataset_config_name, split=split)
+                for split in names
+                if split in ("validation", "test")
+            }
+        )
+
+    def files_fingerprint(self) -> dict[str, list] | None:
+        """Per split, each local file's absolute path, size and modification time; ``None`` unless all local.
+
+        This is how ``datasets`` fingerprints local data files, so an edited file gives another cache key.
+        Patterns matching nothing give ``None`` too: loading the source then raises the clear error.
+        """
+        if self.data_files is None:
+            return None
+        files = {}
+        for split, pattern in self.data_files.items():
+            if "://" in pattern:
+                return None
+            matches = sorted(glob.glob(os.path.expanduser(pattern)))
+            if not matches:
+                return None
+            stats = [(os.path.abspath(m), os.stat(m)) for m in matches]
+            files[split] = [[path, st.st_size, st.st_mtime_ns] for path, st in stats]
+        return files
+
+
+def load_data_files(data_files: dict[str, str]) -> DatasetDict:
+    """Local (or remote) files, a path or glob per split; each split read by the builder of its file type."""
+    splits = {}
+    for split, pattern in data_files.items():
+        builder, kwargs = _builder(split, pattern)
+        try:
+            splits[split] = load_dataset(builder, data_files={split: pattern}, split=split, **kwargs)
+        except Exception as err:
+            cause: BaseException | None = err
+            while cause is not None:
+                if isinstance(cause, UnicodeDecodeError):
+                    raise ValueError(
+                        f"data_files[{split!r}]={pattern!r}: a file is not valid UTF-8 ({cause}); convert it "
+                        "to UTF-8."
+                    ) from err
+                cause = cause.__cause__ or cause.__context__
+            raise
+    return DatasetDict(splits)
+
+
+def _builder(split: str, pattern: str) -> tuple[str, dict[str, Any]]:
+    """The ``datasets`` builder and its arguments for ``pattern``'s files, which must exist and hold data."""
+    if "://" not in pattern:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise FileNotFoundError(
+                f"data_files[{split!r}]={pattern!r}: no such file. Give an existing path or glob."
+            )
+        for match in matches:
+            if os.path.getsize(match) == 0:
+                raise ValueError(f"data_files[{split!r}]: {match!r} is empty; give a file with text in it.")
+    suffix = Path(pattern.split("::")[0]).suffix.lower()
+    if suffix not in BUILDERS:
+        raise ValueError(
+            f"data_files[{split!r}]={pattern!r}: unsupported file type {suffix!r}; "
+            f"use one of {sorted(BUILDERS)}."
+        )
+    builder = BUILDERS[suffix]
+    return builder, {"keep_linebreaks": True} if builder == "text" else {}
+
+
+def check_text_column(ds: Dataset, text_column: str, split: str) -> None:
+    """Raise unless ``text_column`` is a string column of ``ds``."""
+    if text_column not in ds.column_names:
+        raise ValueError(
+            f"text_column={text_column!r} is not a column of the {split!r} split; its columns are "
+            f"{ds.column_names}. Set --data.text_column to one of them."
+        )
+    feature = ds.features[text_column]
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        raise ValueError(
+            f"text_column={text_column!r} in the {split!r} split holds {feature}, not text; "
+            f"choose a string column among {ds.column_names}."
+        )
+
+
+def hold_out_validation(raw: DatasetDict, percentage: float, seed: int) -> DatasetDict:
+    """``raw`` with a ``validation`` split: the source's own, or ``percentage`` of train rows (seeded)."""
+    if "validation" not in raw:
+        # keep_in_memory only without cache files: datasets 5.2 then also names an indices cache file
+        # for a file-backed split and raises "use either keep_in_memory or indices_cache_file_name".
+        held_out = raw["train"].train_test_split(
+            test_size=percentage / 100, seed=seed, keep_in_memory=not raw["train"].cache_files
+        )
+        raw["train"], raw["validation"] = held_out["train"], held_out["test"]
+    return DatasetDict({k: raw[k] for k in ("train", "validation", "test") if k in raw})
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able description (cache keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

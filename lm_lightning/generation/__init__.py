@@ -1,0 +1,1 @@
+"""Text generation: decoding settings, the sampling callback, and the predict writer."""
