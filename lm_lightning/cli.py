@@ -1,4 +1,7 @@
-"""``python -m lm_lightning {fit,validate,test,predict}``: LightningCLI over the module and data module."""
+"""Train and fine-tune causal language models with PyTorch Lightning: LightningCLI over our module and data.
+
+``python -m lm_lightning {fit,validate,test,predict,export}``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import set_parsing_settings
+from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -19,7 +22,7 @@ from lm_lightning.errors import check_compatible, check_precision, is_user_error
 from lm_lightning.generation.writer import JSONLPredictionWriter
 from lm_lightning.model.checkpointing import AtomicCheckpointIO, check_checkpoint, resolve_best, resolve_last
 from lm_lightning.model.faults import NonFiniteLossError
-from lm_lightning.model.module import CausalLMModule
+from lm_lightning.model.module import CausalLMModule, export_checkpoint
 from lm_lightning.progress import TokensPerSecondProgressBar
 
 
@@ -131,6 +134,48 @@ class CausalLMCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _check_run
 
 
+PROG = "python -m lm_lightning"
+HELP = f"""usage: {PROG} {{fit,validate,test,predict,export}} [--config FILE] [--section.key VALUE ...]
+
+Train and fine-tune causal language models with PyTorch Lightning.
+
+subcommands (add --help after one for all its settings):
+  fit        Train the model, validating after each epoch; --ckpt_path last resumes the newest run.
+  validate   Compute the validation loss and perplexity of a checkpoint (--ckpt_path) or pretrained model.
+  test       Compute the test loss and perplexity of a checkpoint (--ckpt_path) or pretrained model.
+  predict    Continue prompts (--data.prompts or --data.prompts_file) into a JSONL file.
+  export     Turn a checkpoint into a Hugging Face folder: export --ckpt_path CKPT --output_dir DIR.
+
+example:
+  {PROG} fit --config configs/quickstart.yaml
+"""
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python -m lm_lightning`` and the ``lm-lightning`` command: the subcommands, ``export`` included."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
+        raise SystemExit(0 if argv else 2)
+    if argv[0] == "export":
+        export_main(argv[1:])
+        return
+    cli_main(args)  # None: LightningCLI reads sys.argv itself (and warns when given both)
+
+
+def export_main(args: list[str]) -> None:
+    """``export``: a checkpoint to a Hugging Face folder; settings errors exit with code 2."""
+    from jsonargparse import auto_cli
+
+    try:
+        out = auto_cli(export_checkpoint, args=args, parser_class=ArgumentParser, prog=f"{PROG} export")
+    except Exception as err:
+        if is_user_error(err):
+            report_and_exit(err, 2)
+        raise
+    print(f"Exported the model and tokenizer to {out}")
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
     """Run the CLI on ``args`` (default: ``sys.argv``); tests call it in-process."""
     # --help then shows the docstring under each field of dataclasses such as DecodingConfig. Only for help:
@@ -154,6 +199,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
             CausalLMDataModule,
             trainer_defaults=trainer_defaults,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": PROG, "description": __doc__.splitlines()[0]},
             args=args,
             run=run,
         )

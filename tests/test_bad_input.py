@@ -184,3 +184,46 @@ def test_debug_env_shows_the_traceback(run_dir, capfd, monkeypatch):
         main()
     err = capfd.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" in err and "block_size=100" in err
+
+
+# ----------------------------------------------------------------------------- untrusted checkpoints
+class _RunsCode:
+    """Unpickling it creates a file: what a malicious checkpoint would do (with os.system, say)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["validate", "--config", "tiny.yaml", "--ckpt_path", "evil.ckpt"],
+        ["test", "--config", "tiny.yaml", "--ckpt_path", "evil.ckpt"],
+        ["predict", "--config", "tiny.yaml", "--ckpt_path", "evil.ckpt", "--data.prompts", "[The]"],
+        ["fit", "--config", "tiny.yaml", "--ckpt_path", "evil.ckpt"],
+        ["export", "--ckpt_path", "evil.ckpt", "--output_dir", "exported"],
+        ["validate", "--config", "tiny.yaml", "--ckpt_path", "last"],  # found in the run folder
+    ],
+    ids=["validate", "test", "predict", "fit", "export", "last"],
+)
+def test_a_checkpoint_that_would_run_code_is_refused_unopened(run_dir, command, capfd, monkeypatch):
+    pwned = run_dir / "pwned"
+    evil = {"state_dict": {}, "hyper_parameters": {"model_config": {}, "x": _RunsCode(str(pwned))}}
+    torch.save(evil, run_dir / "evil.ckpt")
+    last = run_dir / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save(evil, last)
+    monkeypatch.setattr(sys, "argv", ["lm_lightning", *command])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert "holds objects that are not tensors or plain data, so it is not loaded" in err
+    assert "Traceback" not in err
+    assert not pwned.exists()  # the code in the file never ran
+    assert not (run_dir / "exported").exists() and [
+        p.name for p in (run_dir / "runs" / "tiny").iterdir()
+    ] == ["version_0"]

@@ -105,7 +105,7 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, bpe_tokenize
     killed = _fit(tmp_path, killed_config, "killed")
     assert killed.returncode == -9  # SIGKILL during step 10, after the step-8 checkpoint
     last = tmp_path / "cut" / "r" / "version_0" / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, map_location="cpu", weights_only=False)
+    saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 8 and saved["epoch"] == 0  # mid-epoch: batch 8 of 13
 
     resumed_config = _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "cut")
@@ -115,8 +115,8 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, bpe_tokenize
     assert not (tmp_path / "cut" / "r" / "version_1").exists()  # went on in the run's own folder
 
     whole_last = tmp_path / "whole" / "r" / "version_0" / "checkpoints" / "last.ckpt"
-    expected = torch.load(whole_last, map_location="cpu", weights_only=False)
-    got = torch.load(last, map_location="cpu", weights_only=False)
+    expected = torch.load(whole_last, map_location="cpu", weights_only=True)
+    got = torch.load(last, map_location="cpu", weights_only=True)
     assert expected["global_step"] == got["global_step"] == 20
     diffs = {k: (v - got["state_dict"][k]).abs().max().item() for k, v in expected["state_dict"].items()}
     assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
@@ -231,10 +231,10 @@ def test_last_and_best_are_found_in_earlier_versions(tmp_path):
     best.write_bytes(b"")
     key = "ModelCheckpoint{'monitor': 'val/perplexity', 'mode': 'min', 'every_n_train_steps': 0}"
     old = root / "version_0" / "checkpoints" / "last.ckpt"
-    torch.save({"callbacks": {key: {"best_model_path": str(best)}}}, old)
+    torch.save({"state_dict": {}, "callbacks": {key: {"best_model_path": str(best)}}}, old)
     new = root / "version_1" / "checkpoints" / "last.ckpt"
     new.parent.mkdir(parents=True)
-    torch.save({"callbacks": {}}, new)
+    torch.save({"state_dict": {}, "callbacks": {}}, new)
     os.utime(old, (1, 1))  # version_1's is the newer one
     assert resolve_last([root], "validate") == new
     with pytest.raises(RunError, match="records no existing best checkpoint on 'val/perplexity'"):

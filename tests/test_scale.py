@@ -80,7 +80,7 @@ def test_two_process_ddp_streaming_fit_gives_a_checkpoint_one_process_loads_and_
     assert fit.returncode == 0, fit.stderr[-3000:]
     run = tmp_path / "runs" / "ddp" / "version_0"
     ckpt_path = run / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
     # The stream's position (rank 0's) is in the checkpoint, for a mid-pass resume.
     assert "'given':" in str(ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"])

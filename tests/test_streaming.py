@@ -187,7 +187,7 @@ def test_streaming_fit_resumed_mid_pass_ends_with_the_uninterrupted_weights(
     for a, b in zip(uninterrupted.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
     # Without the loader's state the stream restarts, steps 4-6 see blocks 1-12 again, and the weights differ.
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     del state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     torch.save(state, tmp_path / "no_loader_state.ckpt")
     restarted = _streaming_fit(

@@ -8,6 +8,7 @@ whose state Lightning saves), and the random state that dropout draws from (save
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -107,10 +108,13 @@ def newest_checkpoint(trainer: Any) -> str | None:
     return max(paths, key=lambda p: os.path.getmtime(p) if "://" not in p else 0)
 
 
-def read_checkpoint_hparams(path: str | os.PathLike, setting: str = "--ckpt_path") -> dict[str, Any]:
-    """The hyper-parameters stored in a Lightning checkpoint; a clear error when ``path`` is not one.
+def load_checkpoint(path: str | os.PathLike, setting: str = "--ckpt_path") -> dict[str, Any]:
+    """A Lightning checkpoint file, loaded as tensors and plain data only; a clear error when it is not one.
 
-    The tensors are memory-mapped, not read, so this is cheap for a large checkpoint.
+    ``weights_only=True``: a checkpoint from elsewhere never runs code. Unpickling an arbitrary object can
+    execute anything (``__reduce__``), so a file holding anything but tensors, numbers, strings and
+    containers of them is refused, not loaded. The tensors are memory-mapped, not read, so this is cheap for
+    a large checkpoint.
     """
     path = str(path)
     if "://" not in path and not os.path.isfile(path):
@@ -121,20 +125,38 @@ def read_checkpoint_hparams(path: str | os.PathLike, setting: str = "--ckpt_path
         )
     try:
         try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError:  # not the zip format that mmap needs: read it whole, or say why not
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise RunError(
+                f"{setting}={path!r} holds objects that are not tensors or plain data, so it is not loaded "
+                "(unpickling it could run code stored in it). Use a checkpoint written by lm_lightning fit, "
+                "or share weights as a Hugging Face folder (safetensors): python -m lm_lightning export."
+            ) from err
+        raise _not_a_checkpoint(setting, path, err) from err
     except Exception as err:  # a text file, a truncated file, a safetensors file ...
-        raise ValueError(
-            f"{setting}={path!r} is not a PyTorch Lightning checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Give a .ckpt file written by fit."
-        ) from err
+        raise _not_a_checkpoint(setting, path, err) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(
+        raise RunError(
             f"{setting}={path!r} is not a PyTorch Lightning checkpoint (no 'state_dict' in it). Give a .ckpt "
             "file written by fit."
         )
-    return dict(checkpoint.get("hyper_parameters") or {})
+    return checkpoint
+
+
+def _not_a_checkpoint(setting: str, path: str, err: Exception) -> RunError:
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    return RunError(
+        f"{setting}={path!r} is not a PyTorch Lightning checkpoint ({type(err).__name__}: {first_line}). "
+        "Give a .ckpt file written by fit."
+    )
+
+
+def read_checkpoint_hparams(path: str | os.PathLike, setting: str = "--ckpt_path") -> dict[str, Any]:
+    """The hyper-parameters stored in a Lightning checkpoint (see :func:`load_checkpoint`)."""
+    return dict(load_checkpoint(path, setting).get("hyper_parameters") or {})
 
 
 # Hyper-parameters that every CausalLMModule checkpoint holds.
@@ -162,7 +184,7 @@ def resolve_best(last: Path | None, monitor: str | None) -> Path:
     """The best checkpoint recorded in the newest ``last.ckpt`` by the ``ModelCheckpoint`` on ``monitor``."""
     if last is None:
         raise RunError("--ckpt_path best: no run with a last.ckpt was found to read the best one from.")
-    checkpoint = torch.load(last, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = load_checkpoint(last, "--ckpt_path best")
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if key.startswith("ModelCheckpoint") and f"'monitor': {monitor!r}" in key:
             best = state.get("best_model_path")

@@ -21,7 +21,7 @@ from transformers import (
 from lm_lightning.data.tokenizer import find_tokenizer, load_tokenizer
 from lm_lightning.errors import check_compatible
 from lm_lightning.generation.decoding import DecodingConfig, generate_texts, resolve_decodings
-from lm_lightning.model.checkpointing import RNG_KEY, collect_rng_states, set_rng_states
+from lm_lightning.model.checkpointing import RNG_KEY, check_checkpoint, collect_rng_states, set_rng_states
 from lm_lightning.model.export import check_export_dir, save_hf_folder
 from lm_lightning.model.faults import NonFiniteAction, nonfinite_loss
 from lm_lightning.model.flops import matmul_params, training_flops_per_batch
@@ -330,5 +330,6 @@ def export_checkpoint(*, ckpt_path: str, output_dir: str, overwrite: bool = Fals
             replaced, the others kept.
     """
     check_export_dir(output_dir, overwrite)
+    check_checkpoint(ckpt_path)  # refuses a file that is not a plain checkpoint of ours, before loading it
     module = CausalLMModule.load_from_checkpoint(ckpt_path, map_location="cpu")
     return module.export_hf(output_dir, overwrite)
