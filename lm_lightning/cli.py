@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lm_lightning.data.datamodule import CausalLMDataModule
-from lm_lightning.errors import check_compatible, check_precision, is_user_error, report_and_exit
+from lm_lightning.errors import (
+    check_compatible,
+    check_precision,
+    check_trained,
+    is_user_error,
+    report_and_exit,
+)
 from lm_lightning.generation.writer import JSONLPredictionWriter
-from lm_lightning.model.checkpointing import AtomicCheckpointIO, check_checkpoint, resolve_best, resolve_last
+from lm_lightning.model.checkpointing import (
+    AtomicCheckpointIO,
+    check_checkpoint,
+    completed_epochs,
+    resolve_best,
+    resolve_last,
+)
 from lm_lightning.model.faults import NonFiniteLossError
+from lm_lightning.model.interrupts import CheckpointOnInterrupt
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
 from lm_lightning.progress import TokensPerSecondProgressBar
 
@@ -93,9 +107,9 @@ class CausalLMCLI(LightningCLI):
     def _resolve_ckpt_path(self, config: Any, subcommand: str) -> None:
         """``last``/``best`` -> a file of an earlier run (Lightning looks in the new run's folder only)."""
         ckpt_path = config.ckpt_path
+        root = run_root(config.trainer.logger)
         if ckpt_path in ("last", "best"):
             dirs = [Path(d) for d in (config.last_checkpoint.dirpath, config.checkpoint.dirpath) if d]
-            root = run_root(config.trainer.logger)
             if not dirs and root is not None:
                 dirs = [root]
             last = resolve_last(dirs, subcommand, f"--ckpt_path {ckpt_path}")
@@ -105,11 +119,36 @@ class CausalLMCLI(LightningCLI):
                 config.ckpt_path = None
                 return
             config.ckpt_path = ckpt_path = str(path)
-            if subcommand == "fit" and root is not None and path.parent.parent.parent == root:
-                # Go on in the run's own version folder: its checkpoints and logs continue there.
-                config.trainer.logger.init_args.version = path.parent.parent.name
-            print(f"--ckpt_path: {path}")
-        check_checkpoint(ckpt_path)
+        checkpoint = check_checkpoint(ckpt_path)
+        path = Path(ckpt_path)
+        version = path.parent.parent.name if root is not None and path.parent.parent.parent == root else None
+        if version is not None:
+            # Write into the run the checkpoint belongs to: fit goes on in its version folder; validate, test
+            # and predict write into a subfolder of it, and know its checkpoint folder (no "dirpath has
+            # changed" warning, no new version_N per evaluation).
+            config.trainer.logger.init_args.version = (
+                version if subcommand == "fit" else f"{version}/{subcommand}"
+            )
+            if subcommand != "fit":
+                config.checkpoint.dirpath = config.last_checkpoint.dirpath = str(path.parent)
+        if subcommand == "fit":
+            self._announce_resume(config, path, checkpoint)
+
+    @staticmethod
+    def _announce_resume(config: Any, path: Path, checkpoint: dict[str, Any]) -> None:
+        """One line on where fit goes on from; a finished run exits here (nothing trained or exported)."""
+        step, epochs = int(checkpoint.get("global_step", 0)), completed_epochs(checkpoint)
+        max_steps, max_epochs = config.trainer.max_steps, config.trainer.max_epochs
+        if max_steps is not None and max_steps > 0 and step >= max_steps:
+            limit = f"max_steps={max_steps}; raise --trainer.max_steps"
+        elif max_steps in (None, -1) and max_epochs is not None and 0 <= max_epochs <= epochs:
+            limit = f"max_epochs={max_epochs}; raise --trainer.max_epochs"
+        else:
+            written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+            print(f"Resuming from {path}: epoch {epochs}, step {step} (written {written}).")
+            return
+        print(f"{path}: the run is already complete at step {step} ({limit} to continue).")
+        raise SystemExit(0)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self._config().trainer.enable_progress_bar is False:
@@ -126,12 +165,21 @@ class CausalLMCLI(LightningCLI):
         # Fails before any data is tokenized or any weights are loaded (the model's config only).
         config = self._config()
         check_precision(config.trainer.precision, self.trainer.accelerator)
+        if self.subcommand != "fit":
+            check_trained(self.subcommand, config.ckpt_path, self.model.hparams.model_name_or_path)
+        if self.subcommand == "test":
+            self.datamodule.check_split("test")
         tokenizer = self.datamodule.tokenizer
         model_config = self.model.build_config(tokenizer)
         predicting = self.subcommand == "predict"  # prompts are not cut into blocks
         check_compatible(model_config, tokenizer, None if predicting else self.datamodule.block_size)
 
     before_fit = before_validate = before_test = before_predict = _check_run
+
+    def after_predict(self) -> None:
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, JSONLPredictionWriter)), None)
+        if writer is not None and writer.written is not None:
+            print(f"Wrote predictions to {writer.written}")
 
 
 PROG = "python -m lm_lightning"
@@ -190,7 +238,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
             "init_args": {"save_dir": "runs", "name": "lm_lightning"},
         },
         # Persistent: added to whatever trainer.callbacks the config lists.
-        "callbacks": [TokensPerSecondProgressBar()],
+        "callbacks": [TokensPerSecondProgressBar(), CheckpointOnInterrupt()],
         "gradient_clip_val": 1.0,  # transformers.Trainer's max_grad_norm default; null turns it off
     }
     try:

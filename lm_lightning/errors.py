@@ -66,6 +66,16 @@ def check_compatible(
         )
 
 
+def check_trained(subcommand: str, ckpt_path: str | None, model_name_or_path: str | None) -> None:
+    """Refuse to evaluate or sample a from-scratch model without a checkpoint: its weights are random."""
+    if ckpt_path is None and not model_name_or_path:
+        raise RunError(
+            f"{subcommand} without --ckpt_path would run the model of this config with random weights (it "
+            "trains from scratch). Give --ckpt_path last (the newest checkpoint of this config's runs), "
+            "--ckpt_path best, or a checkpoint file; or --model.model_name_or_path for pretrained weights."
+        )
+
+
 def is_user_error(err: BaseException) -> bool:
     """A settings error (printed as one paragraph) rather than a bug: raised by lm_lightning's own checks,
     or by jsonargparse when one of our classes refused a value while it instantiated them."""

@@ -1,4 +1,4 @@
-"""Exact resume after SIGKILL, atomic checkpoint writes, and non-finite losses."""
+"""Exact resume after SIGTERM and SIGKILL, atomic checkpoint writes, and non-finite losses."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from datasets import Dataset, DatasetDict
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lm_lightning import CausalLMDataModule, CausalLMModule
+from lm_lightning.cli import main
 from lm_lightning.model import checkpointing as ckpt_module
 from lm_lightning.model.checkpointing import AtomicCheckpointIO
 from lm_lightning.model.faults import NonFiniteLossError
@@ -34,10 +35,23 @@ class KillAtStep(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TermAtStep(L.Callback):
+    """SIGTERM this process (as a scheduler would) in the middle of the optimizer step after ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 '''
 
 
-def _resume_config(tmp_path: Path, tokenizer_path: str, doc_texts: list[str], save_dir: str, kill_at=None):
+def _resume_config(
+    tmp_path: Path, tokenizer_path: str, doc_texts: list[str], save_dir: str, kill_at=None, term_at=None
+):
     (tmp_path / "train.txt").write_text("".join(doc_texts[:20]))  # 50 blocks: 13 batches, the last of 2
     (tmp_path / "valid.txt").write_text("".join(doc_texts[500:512]))
     callbacks = [
@@ -49,6 +63,8 @@ def _resume_config(tmp_path: Path, tokenizer_path: str, doc_texts: list[str], sa
     ]
     if kill_at is not None:
         callbacks.append({"class_path": "killer.KillAtStep", "init_args": {"step": kill_at}})
+    if term_at is not None:
+        callbacks.append({"class_path": "killer.TermAtStep", "init_args": {"step": term_at}})
     return {
         "seed_everything": 7,
         "trainer": {
@@ -96,15 +112,25 @@ def _fit(tmp_path: Path, config: dict, name: str, *args: str) -> subprocess.Comp
 
 
 @pytest.mark.slow
-def test_fit_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, bpe_tokenizer_path, doc_texts):
+def test_fit_interrupted_then_killed_resumes_to_the_same_weights(
+    tmp_path, bpe_tokenizer_path, doc_texts, capsys, monkeypatch
+):
     (tmp_path / "killer.py").write_text(KILLER)
     whole = _fit(tmp_path, _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "whole"), "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-
-    killed_config = _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "cut", kill_at=9)
-    killed = _fit(tmp_path, killed_config, "killed")
-    assert killed.returncode == -9  # SIGKILL during step 10, after the step-8 checkpoint
     last = tmp_path / "cut" / "r" / "version_0" / "checkpoints" / "last.ckpt"
+
+    # SIGTERM during step 3, long before the first periodic checkpoint (step 4): the step is finished,
+    # checkpointed, and the process exits with 128 + 15.
+    termed = _fit(tmp_path, _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "cut", term_at=2), "term")
+    assert termed.returncode == 143, termed.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+
+    # Resumed, then SIGKILLed during step 10 (no cleanup at all): the step-8 periodic checkpoint is whole.
+    killed_config = _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "cut", kill_at=9)
+    killed = _fit(tmp_path, killed_config, "killed", "--ckpt_path", "last")
+    assert killed.returncode == -9
+    assert f"Resuming from {last.relative_to(tmp_path)}: epoch 0, step 3 (written " in killed.stdout
     saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 8 and saved["epoch"] == 0  # mid-epoch: batch 8 of 13
 
@@ -123,6 +149,16 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, bpe_tokenize
     # The optimizer went on from the same moments.
     exp_opt, got_opt = expected["optimizer_states"][0]["state"], got["optimizer_states"][0]["state"]
     assert all(torch.allclose(exp_opt[i]["exp_avg_sq"], got_opt[i]["exp_avg_sq"], atol=1e-9) for i in exp_opt)
+
+    # Resuming the finished run says so and stops at once: nothing trained, nothing exported.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys, "argv", ["lm_lightning", "fit", "--config", "resumed.yaml", "--ckpt_path", "last"]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    assert "already complete at step 20 (max_steps=20; raise --trainer.max_steps" in capsys.readouterr().out
 
 
 def test_atomic_save_leaves_the_previous_checkpoint_whole_when_it_fails(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from lm_lightning.data.tokenizer import (
     tokenizer_files_fingerprint,
     tokenizer_fingerprint,
 )
+from lm_lightning.errors import RunError
 
 
 class CausalLMDataModule(L.LightningDataModule):
@@ -291,6 +292,15 @@ class CausalLMDataModule(L.LightningDataModule):
             return self.pin_memory
         trainer = self.trainer
         return bool(trainer is not None and trainer.strategy.root_device.type == "cuda")
+
+    def check_split(self, split: str) -> None:
+        """Raise when the source has no ``split`` (checked from its description: nothing is loaded)."""
+        names = self.source.split_names()
+        if names is not None and split not in names and not (split == "validation" and "train" in names):
+            raise RunError(
+                f"The data source has no {split!r} split (its splits are {names}): give one, e.g. "
+                f"--data.data_files.{split} FILE, or evaluate another split (validate uses 'validation')."
+            )
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split == "train" and self.streaming:

@@ -76,6 +76,21 @@ class TextSource:
             return load_data_files(self.data_files)
         return load_dataset(self.dataset_name, self.dataset_config_name)
 
+    def split_names(self) -> list[str] | None:
+        """The source's splits, known without loading it; ``None`` when that needs the hub and fails."""
+        if self.dataset is not None:
+            return list(self.dataset)
+        if self.corpus is not None:
+            return ["train"]
+        if self.data_files is not None:
+            return list(self.data_files)
+        from datasets import get_dataset_split_names
+
+        try:
+            return list(get_dataset_split_names(self.dataset_name, self.dataset_config_name))
+        except Exception:  # offline, or no such dataset: loading it says why
+            return None
+
     def stream_train(self) -> IterableDataset:
         """The train split as a ``datasets.IterableDataset``: read lazily, one shard (file) at a time."""
         if self.data_files is None:

@@ -26,6 +26,7 @@ class JSONLPredictionWriter(BasePredictionWriter):
         self.output_path = output_path
         self._file = None
         self._path: Path | None = None
+        self.written: Path | None = None  # the file, once complete
 
     def _target(self, trainer: L.Trainer) -> Path:
         path = Path(self.output_path) if self.output_path else Path(trainer.log_dir) / "predictions.jsonl"
@@ -55,7 +56,7 @@ class JSONLPredictionWriter(BasePredictionWriter):
         tmp = Path(self._file.name)
         self._file.close()
         os.replace(tmp, self._path)
-        print(f"Wrote predictions to {self._path}")
+        self.written = self._path
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

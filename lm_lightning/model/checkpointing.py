@@ -193,16 +193,27 @@ def resolve_best(last: Path | None, monitor: str | None) -> Path:
     raise RunError(f"--ckpt_path best: {str(last)!r} records no existing best checkpoint on {monitor!r}.")
 
 
-def check_checkpoint(path: str | os.PathLike) -> None:
-    """Fail when ``path`` is missing, or is not a Lightning checkpoint of a ``CausalLMModule``.
+def check_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint at ``path``; fails when it is missing or not a Lightning checkpoint of ours.
 
     The model's settings then come from the checkpoint (LightningCLI applies its hyper-parameters over the
     config), so its weights always fit the model that is built.
     """
-    hparams = read_checkpoint_hparams(path)
+    checkpoint = load_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters") or {}
     if not set(hparams) >= _MODULE_KEYS:
         raise RunError(
             f"--ckpt_path={str(path)!r} is a Lightning checkpoint but not of a CausalLMModule (its "
             f"hyper-parameters are {sorted(hparams) or 'empty'}). Give a checkpoint written by "
             "lm_lightning fit."
         )
+    return checkpoint
+
+
+def completed_epochs(checkpoint: dict[str, Any]) -> int:
+    """Epochs that the fit which wrote ``checkpoint`` had finished."""
+    loops = checkpoint.get("loops") or {}
+    try:
+        return int(loops["fit_loop"]["epoch_progress"]["current"]["completed"])
+    except (KeyError, TypeError):
+        return int(checkpoint.get("epoch", 0))
