@@ -124,13 +124,9 @@ class CausalLMCLI(LightningCLI):
         version = path.parent.parent.name if root is not None and path.parent.parent.parent == root else None
         if version is not None:
             # Write into the run the checkpoint belongs to: fit goes on in its version folder; validate, test
-            # and predict write into a subfolder of it, and know its checkpoint folder (no "dirpath has
-            # changed" warning, no new version_N per evaluation).
-            config.trainer.logger.init_args.version = (
-                version if subcommand == "fit" else f"{version}/{subcommand}"
-            )
-            if subcommand != "fit":
-                config.checkpoint.dirpath = config.last_checkpoint.dirpath = str(path.parent)
+            # and predict write into a subfolder of it (no new version_N per evaluation).
+            subfolder = version if subcommand == "fit" else f"{version}/{subcommand}"
+            config.trainer.logger.init_args.version = subfolder
         if subcommand == "fit":
             self._announce_resume(config, path, checkpoint)
 
@@ -157,6 +153,10 @@ class CausalLMCLI(LightningCLI):
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, TokensPerSecondProgressBar)
             ]
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand not in (None, "fit"):
+            # Evaluation writes no checkpoint; restoring the fit's checkpoint callbacks would only warn that
+            # their folder "has changed".
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -165,10 +165,10 @@ class CausalLMCLI(LightningCLI):
         # Fails before any data is tokenized or any weights are loaded (the model's config only).
         config = self._config()
         check_precision(config.trainer.precision, self.trainer.accelerator)
-        if self.subcommand != "fit":
-            check_trained(self.subcommand, config.ckpt_path, self.model.hparams.model_name_or_path)
         if self.subcommand == "test":
             self.datamodule.check_split("test")
+        if self.subcommand != "fit":
+            check_trained(self.subcommand, config.ckpt_path, self.model.hparams.model_name_or_path)
         tokenizer = self.datamodule.tokenizer
         model_config = self.model.build_config(tokenizer)
         predicting = self.subcommand == "predict"  # prompts are not cut into blocks
@@ -183,20 +183,27 @@ class CausalLMCLI(LightningCLI):
 
 
 PROG = "python -m lm_lightning"
-HELP = f"""usage: {PROG} {{fit,validate,test,predict,export}} [--config FILE] [--section.key VALUE ...]
-
-Train and fine-tune causal language models with PyTorch Lightning.
-
-subcommands (add --help after one for all its settings):
-  fit        Train the model, validating after each epoch; --ckpt_path last resumes the newest run.
-  validate   Compute the validation loss and perplexity of a checkpoint (--ckpt_path) or pretrained model.
-  test       Compute the test loss and perplexity of a checkpoint (--ckpt_path) or pretrained model.
-  predict    Continue prompts (--data.prompts or --data.prompts_file) into a JSONL file.
-  export     Turn a checkpoint into a Hugging Face folder: export --ckpt_path CKPT --output_dir DIR.
-
-example:
-  {PROG} fit --config configs/quickstart.yaml
-"""
+SUBCOMMANDS = {
+    "fit": "Train the model, validating after each epoch; --ckpt_path last resumes the newest run.",
+    "validate": "Validation loss and perplexity of a checkpoint (--ckpt_path) or of pretrained weights.",
+    "test": "Test loss and perplexity of a checkpoint (--ckpt_path) or of pretrained weights.",
+    "predict": "Continue prompts (--data.prompts or --data.prompts_file) into a JSONL file.",
+    "export": "Turn a checkpoint into a Hugging Face folder: export --ckpt_path CKPT --output_dir DIR.",
+}
+HELP = "\n".join(
+    [
+        f"usage: {PROG} {{{','.join(SUBCOMMANDS)}}} [--config FILE] [--section.key VALUE ...]",
+        "",
+        "Train and fine-tune causal language models with PyTorch Lightning.",
+        "",
+        "subcommands (add --help after one for all its settings):",
+        *(f"  {name:<10} {text}" for name, text in SUBCOMMANDS.items()),
+        "",
+        "example:",
+        f"  {PROG} fit --config configs/quickstart.yaml",
+        "",
+    ]
+)
 
 
 def main(args: list[str] | None = None) -> None:

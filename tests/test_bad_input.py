@@ -139,6 +139,17 @@ CASES = [
         "prompts_file='prompts.txt': no such file",
     ),
     (
+        "validate without a checkpoint",
+        ["validate"],
+        "validate without --ckpt_path would run the model of this config with random weights",
+    ),
+    (
+        "predict without a checkpoint",
+        ["predict", "--data.prompts", "[The]"],
+        "Give --ckpt_path last (the newest checkpoint of this config's runs)",
+    ),
+    ("test with no test split", ["test"], "The data source has no 'test' split (its splits are ['train', "),
+    (
         "two data sources",
         ["fit", "--data.corpus", "python-docs"],
         "Give exactly one data source, got ['data_files', 'corpus']",
