@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from lm_lightning.cli import main
 from lm_lightning.model import checkpointing as ckpt_module
 from lm_lightning.model.checkpointing import AtomicCheckpointIO
 from lm_lightning.model.faults import NonFiniteLossError
+from lm_lightning.model.interrupts import CheckpointOnInterrupt
 
 KILLER = '''
 import os, signal
@@ -207,6 +209,49 @@ def _poison_fit(tmp_path, tokenizer_path, texts, action, poison, callbacks=()):
         tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=True, callbacks=list(callbacks)
     )
     return trainer, module, dm
+
+
+class _Interrupt(L.Callback):
+    """Sends this process ``signals`` in the middle of the optimizer step after step 1."""
+
+    def __init__(self, *signals: int) -> None:
+        self.signals = signals
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 1:
+            for signum in self.signals:
+                os.kill(os.getpid(), signum)
+
+
+@pytest.mark.parametrize(
+    ("signals", "code", "saved_step"),
+    [((signal.SIGINT,), 130, 2), ((signal.SIGUSR1,), 138, 2), ((signal.SIGINT, signal.SIGINT), 1, None)],
+    ids=["ctrl-c", "sigusr1", "ctrl-c twice"],
+)
+def test_a_signal_checkpoints_the_step_and_exits_non_zero(
+    tmp_path, bpe_tokenizer_path, doc_texts, signals, code, saved_step
+):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True, save_top_k=0)
+    callbacks = [checkpoints, CheckpointOnInterrupt(), _Interrupt(*signals)]
+    trainer, module, dm = _poison_fit(tmp_path, bpe_tokenizer_path, doc_texts, "raise", (), callbacks)
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.fit(module, dm)
+    assert exit_info.value.code == code
+    last = tmp_path / "ckpts" / "last.ckpt"
+    if saved_step is None:  # a second signal stops at once: nothing half-written
+        assert not last.exists() and not list((tmp_path / "ckpts").glob(".*"))
+    else:
+        assert torch.load(last, weights_only=True)["global_step"] == saved_step  # the step was finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_lightnings_slurm_requeue_handler_keeps_sigusr1():
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # what Lightning installs under SLURM
+    try:
+        assert signal.SIGUSR1 not in CheckpointOnInterrupt._signals()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert signal.SIGUSR1 in CheckpointOnInterrupt._signals()
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path, bpe_tokenizer_path, doc_texts):
