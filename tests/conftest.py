@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
+import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lm_lightning.data.corpus import python_docs_texts, shared_data_dir
@@ -49,6 +52,40 @@ class GradNorms(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # Lightning clips after this hook
         self.before.append(self._norm(pl_module.parameters()))
+
+
+def write_tiny_config(folder: Path, tokenizer_path: str, texts: list[str], **trainer: object) -> Path:
+    """``folder/tiny.yaml``: a 1-layer GPT-2 from scratch on ``train.txt``/``valid.txt`` (from ``texts``).
+
+    It logs to ``runs/tiny`` with TensorBoard; ``trainer`` settings override the defaults. Paths are relative
+    to ``folder``, the working directory of the commands that use it.
+    """
+    (folder / "train.txt").write_text("".join(texts[:60]))
+    (folder / "valid.txt").write_text("".join(texts[500:520]))
+    config = {
+        "seed_everything": 1,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "tiny"},
+            },
+            **trainer,
+        },
+        "model": {"model_config": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64}},
+        "data": {
+            "tokenizer": tokenizer_path,
+            "data_files": {"train": "train.txt", "validation": "valid.txt"},
+            "block_size": 32,
+            "batch_size": 4,
+            "cache_dir": "cache",
+        },
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 needs_shared_data = pytest.mark.skipif(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import write_tiny_config
 
 from lm_lightning.__main__ import main
 
@@ -23,34 +23,12 @@ from lm_lightning.__main__ import main
 def run_dir(tmp_path, bpe_tokenizer_path, doc_texts, monkeypatch) -> Path:
     """A folder with a tiny config (``tiny.yaml``) and data files of every kind of mistake."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "train.txt").write_text("".join(doc_texts[:100]))
-    (tmp_path / "valid.txt").write_text("".join(doc_texts[500:530]))
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("Too short.\n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 50)
     (tmp_path / "notackpt.ckpt").write_text("this is not a checkpoint\n")
     torch.save({"state_dict": {}, "hyper_parameters": {"hidden_dim": 8}}, tmp_path / "other_module.ckpt")
-    config = {
-        "seed_everything": 1,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 2,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": "tiny"},
-            },
-        },
-        "model": {"model_config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}},
-        "data": {
-            "tokenizer": bpe_tokenizer_path,
-            "data_files": {"train": "train.txt", "validation": "valid.txt"},
-            "block_size": 32,
-            "batch_size": 4,
-            "cache_dir": "cache",
-        },
-    }
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    write_tiny_config(tmp_path, bpe_tokenizer_path, doc_texts)
     return tmp_path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import write_tiny_config
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
@@ -39,31 +39,9 @@ def _run(monkeypatch, *args: str) -> int:
 def run(tmp_path_factory, bpe_tokenizer_path, doc_texts):
     """A folder with a tiny config and one finished fit (2 validations), run with umask 022."""
     root = tmp_path_factory.mktemp("run")
-    (root / "train.txt").write_text("".join(doc_texts[:60]))
-    (root / "valid.txt").write_text("".join(doc_texts[500:520]))
-    config = {
-        "seed_everything": 1,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 6,
-            "val_check_interval": 3,
-            "limit_val_batches": 2,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": "tiny"},
-            },
-        },
-        "model": {"model_config": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64}},
-        "data": {
-            "tokenizer": bpe_tokenizer_path,
-            "data_files": {"train": "train.txt", "validation": "valid.txt"},
-            "block_size": 32,
-            "batch_size": 4,
-            "cache_dir": "cache",
-        },
-    }
-    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    write_tiny_config(
+        root, bpe_tokenizer_path, doc_texts, max_steps=6, val_check_interval=3, limit_val_batches=2
+    )
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     mask = os.umask(0o022)
