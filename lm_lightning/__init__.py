@@ -21,7 +21,7 @@ from lm_lightning.model.flops import LMThroughputMonitor, training_flops_per_bat
 from lm_lightning.model.loss import TokenNLL, causal_lm_nll
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
 from lm_lightning.model.parallel import transformer_block_policy
-from lm_lightning.progress import TokensPerSecondProgressBar
+from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
 
 try:
     __version__ = version("lm_lightning")
@@ -41,6 +41,7 @@ __all__ = [
     "TextGenerationCallback",
     "TokenNLL",
     "TokensPerSecondProgressBar",
+    "ValidationSummary",
     "builtin_corpus",
     "causal_lm_nll",
     "cli_main",

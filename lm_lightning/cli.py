@@ -37,7 +37,7 @@ from lm_lightning.model.checkpointing import (
 from lm_lightning.model.faults import NonFiniteLossError
 from lm_lightning.model.interrupts import CheckpointOnInterrupt
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
-from lm_lightning.progress import TokensPerSecondProgressBar
+from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
 
 
 def default_precision() -> str:
@@ -245,7 +245,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
             "init_args": {"save_dir": "runs", "name": "lm_lightning"},
         },
         # Persistent: added to whatever trainer.callbacks the config lists.
-        "callbacks": [TokensPerSecondProgressBar(), CheckpointOnInterrupt()],
+        "callbacks": [TokensPerSecondProgressBar(), ValidationSummary(), CheckpointOnInterrupt()],
         "gradient_clip_val": 1.0,  # transformers.Trainer's max_grad_norm default; null turns it off
     }
     try:
