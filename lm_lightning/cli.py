@@ -136,14 +136,17 @@ class CausalLMCLI(LightningCLI):
         step, epochs = int(checkpoint.get("global_step", 0)), completed_epochs(checkpoint)
         max_steps, max_epochs = config.trainer.max_steps, config.trainer.max_epochs
         if max_steps is not None and max_steps > 0 and step >= max_steps:
-            limit = f"max_steps={max_steps}; raise --trainer.max_steps"
+            limit = ("max_steps", max_steps)
         elif max_steps in (None, -1) and max_epochs is not None and 0 <= max_epochs <= epochs:
-            limit = f"max_epochs={max_epochs}; raise --trainer.max_epochs"
+            limit = ("max_epochs", max_epochs)
         else:
             written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
             print(f"Resuming from {path}: epoch {epochs}, step {step} (written {written}).")
             return
-        print(f"{path}: the run is already complete at step {step} ({limit} to continue).")
+        name, value = limit
+        print(
+            f"{path}: already complete at step {step} ({name}={value}); raise --trainer.{name} to continue."
+        )
         raise SystemExit(0)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

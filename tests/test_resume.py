@@ -160,7 +160,10 @@ def test_fit_interrupted_then_killed_resumes_to_the_same_weights(
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 0
-    assert "already complete at step 20 (max_steps=20; raise --trainer.max_steps" in capsys.readouterr().out
+    assert (
+        "already complete at step 20 (max_steps=20); raise --trainer.max_steps to continue."
+        in capsys.readouterr().out
+    )
 
 
 def test_atomic_save_leaves_the_previous_checkpoint_whole_when_it_fails(tmp_path, monkeypatch):
