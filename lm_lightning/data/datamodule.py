@@ -1,4 +1,4 @@
-"""CausalLMDataModule: texts -> tokenized, concatenated, fixed-length blocks for causal LM training."""
+"""CausalLMDataModule: texts -> fixed-length blocks, or fine-tuning examples -> rows, for causal LMs."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
-from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import PreTrainedTokenizerBase
 
+from lm_lightning.data import examples, formats
+from lm_lightning.data.formats import DataFormat
+from lm_lightning.data.loaders import map_style_loader
 from lm_lightning.data.packing import CACHE_FORMAT_VERSION, is_cached, read_block_cache, write_block_cache
-from lm_lightning.data.prompts import read_prompts
-from lm_lightning.data.sources import TextSource, check_text_column, fingerprint, hold_out_validation
+from lm_lightning.data.prompts import ChatPromptBatch, read_prompts, render_chat_prompts
+from lm_lightning.data.sources import TextSource, fingerprint, hold_out_validation
 from lm_lightning.data.streaming import StreamingBlocks, stateful_loader
+from lm_lightning.data.strided import StridedWindows, blocks_to_stream
 from lm_lightning.data.tokenizer import (
     cached_bpe_tokenizer,
     load_tokenizer,
@@ -28,7 +29,9 @@ from lm_lightning.errors import RunError
 
 
 class CausalLMDataModule(L.LightningDataModule):
-    """Texts tokenized, concatenated and cut into ``block_size`` blocks; batches of ``input_ids``.
+    """Texts tokenized, concatenated and cut into ``block_size`` blocks; batches of ``input_ids``. Or
+    prompt-completion pairs or chats (``lm_lightning.data.formats``), with the loss on the completion or
+    the assistant turns, one example a row or packed (``lm_lightning.data.examples``).
 
     Give exactly one source: ``dataset_name`` (a Hugging Face hub dataset), ``data_files`` (local .txt,
     .json/.jsonl, .csv or .parquet files: a path, a glob, or a mapping split -> path), ``corpus`` (a
@@ -71,7 +74,18 @@ class CausalLMDataModule(L.LightningDataModule):
         streaming: Tokenize and pack the train split on the fly from a streamed ``IterableDataset`` (hub or
             local files; nothing downloaded in full, nothing cached), shards dealt to ranks and workers
             (``lm_lightning.streaming``). Repeats without end: train by ``--trainer.max_steps``. Needs a
-            validation split, which stays cached and map-style.
+            validation split, which stays cached and map-style. Text data only.
+        format: ``auto`` (a ``messages`` column: ``chat``; ``prompt`` and ``completion``:
+            ``prompt_completion``; else ``text``, as trl detects it), or one of those to insist on it.
+        completion_only_loss: The loss on the completion (the assistant turns of a chat) only, else on all.
+        chat_template: A Jinja chat template file for chats, instead of the tokenizer's own.
+        packing: Pack several examples into each row of ``block_size`` (attention kept inside each), instead
+            of one a row. Raw text is always packed into blocks.
+        document_masking: Raw text: keep attention inside each EOS-separated text of a block, as packed
+            examples do (needs ``eos_between_texts``).
+        eval_stride: Validation and test perplexity by sliding windows of ``block_size`` starting every
+            ``eval_stride`` tokens, each token scored once with the context before it
+            (``lm_lightning.data.strided``); default: disjoint blocks. Text data only.
     """
 
     def __init__(
@@ -98,8 +112,17 @@ class CausalLMDataModule(L.LightningDataModule):
         prompts: list[str] | None = None,
         prompts_file: str | None = None,
         streaming: bool = False,
+        format: DataFormat = "auto",
+        completion_only_loss: bool = True,
+        chat_template: str | None = None,
+        packing: bool = False,
+        document_masking: bool = False,
+        eval_stride: int | None = None,
     ) -> None:
         super().__init__()
+        formats.check_format_settings(
+            format, streaming, eos_between_texts, document_masking, eval_stride, block_size
+        )
         self.source = TextSource(dataset_name, dataset_config_name, data_files, corpus, dataset)
         if not self.source.given and prompts is None and prompts_file is None:
             raise ValueError(
@@ -156,11 +179,19 @@ class CausalLMDataModule(L.LightningDataModule):
         self.prompts = read_prompts(prompts_file) if prompts_file is not None else prompts
         self.prompts_file = prompts_file
         self.streaming = streaming
+        self.format_setting = format
+        self.data_format: str | None = None if format == "auto" else format  # detected from the columns
+        self.completion_only_loss = completion_only_loss
+        self.chat_template = formats.read_chat_template(chat_template)  # read now: a missing file fails first
+        self.packing = packing
+        self.document_masking = document_masking
+        self.eval_stride = eval_stride
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._tokenizer_path: str | None = tokenizer if isinstance(tokenizer, str) else None
         self.datasets: dict[str, Dataset] = {}
         self.cache_path: Path | None = None
-        self._raw: DatasetDict | None = None  # the source, when loading it was needed for the cache key
+        self._raw: DatasetDict | None = None
+        self._held_out = False  # the source, when loading it was needed for the cache key
         # Many tokenizer processes already use the cores: keep each single-threaded (and silent when
         # DataLoader workers fork). One process: let the Rust tokenizer use all cores.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if self.num_proc > 1 else "true")
@@ -176,8 +207,11 @@ class CausalLMDataModule(L.LightningDataModule):
         raw = self.source.load(streaming=self.streaming)
         if "train" not in raw and not self.streaming:
             raise ValueError(f"The data source has no 'train' split; its splits are {list(raw)}.")
-        for split, ds in raw.items():
-            check_text_column(ds, self.text_column, split)
+        self.data_format = formats.resolve_format(raw, self.text_column, self.format_setting)
+        formats.check_text_only(self.data_format, self.streaming, self.document_masking, self.eval_stride)
+        if self.data_format != "text":
+            self._held_out = "validation" not in raw
+            raw = examples.add_row_numbers(raw)
         if "validation" not in raw and self.streaming:
             raise ValueError(
                 "streaming=True needs a validation split in the source (a streamed train split cannot be "
@@ -247,9 +281,16 @@ class CausalLMDataModule(L.LightningDataModule):
                     # With several processes each packs its own shard and drops its own partial block.
                     self.num_proc,
                 ]
+                + self._examples_key()
             )
             self.cache_path = self.cache_root / "blocks" / key
         return self.cache_path
+
+    def _examples_key(self) -> list:
+        """What else decides the cache of fine-tuning examples (nothing for text data with the defaults, so
+        the key of a text cache is what it was before these settings existed)."""
+        settings = [self.format_setting, self.completion_only_loss, self.chat_template, self.packing]
+        return [] if settings == ["auto", True, None, False] else [settings]
 
     def prepare_data(self) -> None:
         """Tokenize and pack every split into the on-disk cache, unless it is there already."""
@@ -259,8 +300,24 @@ class CausalLMDataModule(L.LightningDataModule):
         raw, self._raw = self._raw, None  # not kept: the module holds only the packed blocks
         if is_cached(path):
             return
+        raw = raw if raw is not None else self.load_raw()
+        if self.data_format != "text":
+            examples.write_example_cache(
+                raw,
+                path,
+                self.tokenizer,
+                data_format=self.data_format,
+                completion_only_loss=self.completion_only_loss,
+                chat_template=self.chat_template,
+                block_size=self.block_size,
+                packing=self.packing,
+                held_out=self._held_out,
+                map_batch_size=self.map_batch_size,
+                num_proc=self.num_proc,
+            )
+            return
         write_block_cache(
-            raw if raw is not None else self.load_raw(),
+            raw,
             path,
             self.tokenizer,
             text_column=self.text_column,
@@ -278,9 +335,11 @@ class CausalLMDataModule(L.LightningDataModule):
         if not is_cached(path):
             self.prepare_data()
         self._raw = None
-        self.datasets = read_block_cache(path)
+        self.datasets, self.data_format = read_block_cache(path)
+        formats.check_text_only(self.data_format, self.streaming, self.document_masking, self.eval_stride)
         if self.streaming:
             self.train_texts = self.source.stream_train()
+            formats.check_streamed_format(self.train_texts, self.text_column, self.format_setting)
 
     def _predicting(self) -> bool:
         trainer = self.trainer
@@ -311,39 +370,27 @@ class CausalLMDataModule(L.LightningDataModule):
             self.setup()
         if split not in self.datasets:
             raise ValueError(f"The data source has no {split!r} split; it has {list(self.datasets)}.")
-        sampler = None
-        trainer = self.trainer
-        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        if shuffle:
-            # The order of an epoch is a function of (seed, epoch), which Lightning sets each epoch, and the
-            # sampler records how far into it training is: a resumed run sees the very same batches, in this
-            # epoch and the next ones (torchdata's RandomSampler does not: its next epoch differs). Under DDP
-            # each process takes its share, as with Lightning's own DistributedSampler.
-            sampler = StatefulDistributedSampler(
-                self.datasets[split], num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed
-            )
-        elif world_size > 1:
-            # Lightning's default DistributedSampler repeats blocks to even out the shards, which would
-            # count them twice in the validation perplexity; this one gives each block to one rank.
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-            sampler = UnrepeatedDistributedSampler(
-                self.datasets[split], num_replicas=world_size, rank=rank, shuffle=False
-            )
-        # A generator of its own: a loader without one draws its workers' base seed from the global random
-        # state, so a validation would shift the dropout masks of the training steps after it.
-        generator = torch.Generator().manual_seed(self.seed)
-        # The train loader is stateful: Lightning saves its state in each checkpoint, and a run resumed
-        # mid-epoch goes on from the next batch (a plain DataLoader would restart the epoch).
-        loader_cls = StatefulDataLoader if shuffle else DataLoader
-        return loader_cls(
-            self.datasets[split],
+        dataset, collate_fn = self.datasets[split], self._collate_fn()
+        if self.eval_stride and not shuffle:
+            dataset = StridedWindows(blocks_to_stream(dataset), self.block_size, self.eval_stride)
+            collate_fn = examples.PadCollator(self.tokenizer.pad_token_id or 0)
+        return map_style_loader(
+            dataset,
             batch_size=batch_size,
-            sampler=sampler,
-            generator=generator,
+            shuffle=shuffle,
+            trainer=self.trainer,
+            seed=self.seed,
             num_workers=self.num_workers,
             pin_memory=self._pin(),
-            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_fn,
+        )
+
+    def _collate_fn(self) -> Any:
+        """Examples padded per batch; raw-text blocks as they are, or with their documents kept apart."""
+        if self.data_format not in (None, "text"):
+            return examples.PadCollator(self.tokenizer.pad_token_id or 0)
+        return (
+            examples.DocumentMaskingCollator(self.tokenizer.eos_token_id) if self.document_masking else None
         )
 
     def _streaming_loader(self) -> DataLoader:
@@ -372,6 +419,7 @@ class CausalLMDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self._pin(),
             persistent_workers=self.num_workers > 0,
+            collate_fn=self._collate_fn(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -393,7 +441,12 @@ class CausalLMDataModule(L.LightningDataModule):
                 "predict needs prompts: set --data.prompts '[\"Once upon\", ...]' or "
                 "--data.prompts_file FILE."
             )
-        return DataLoader(self.prompts, batch_size=self.eval_batch_size, shuffle=False, collate_fn=list)
+        prompts, collate_fn = self.prompts, list
+        if not isinstance(prompts[0], str):  # chats, answered through the chat template
+            template = formats.chat_template_of(self.tokenizer, self.chat_template)
+            prompts, stop_token_ids = render_chat_prompts(self.tokenizer, self.prompts, template)
+            collate_fn = ChatPromptBatch(stop_token_ids)
+        return DataLoader(prompts, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_fn)
 
 
 def _default_cache_root() -> Path:

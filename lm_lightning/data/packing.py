@@ -120,15 +120,25 @@ def write_block_cache(
             files = [os.path.relpath(f["filename"], tmp) for f in blocks.cache_files]
             manifest["splits"][split] = {"files": files, "num_blocks": len(blocks)}
             del blocks
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        write_manifest(tmp, block_size, "text", manifest["splits"])
 
 
-def read_block_cache(path: Path) -> dict[str, Dataset]:
-    """The cached splits, memory-mapped, as torch-formatted ``input_ids`` datasets."""
+def read_block_cache(path: Path) -> tuple[dict[str, Dataset], str]:
+    """The cached splits, memory-mapped, as torch-formatted datasets, and their data format.
+
+    Blocks of text have ``input_ids``; fine-tuning examples (``lm_lightning.data.examples``) also ``labels``
+    and, packed, ``position_ids``.
+    """
     manifest = json.loads((path / MANIFEST).read_text())
     splits = {}
     for split, info in manifest["splits"].items():
         parts = [Dataset.from_file(str(path / f)) for f in info["files"]]
         ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-        splits[split] = ds.with_format("torch", columns=["input_ids"])
-    return splits
+        splits[split] = ds.with_format("torch")
+    return splits, manifest.get("format", "text")
+
+
+def write_manifest(tmp: Path, block_size: int, data_format: str, splits: dict) -> None:
+    """The cache's manifest: written last, its presence marks the cache complete."""
+    manifest = {"block_size": block_size, "format": data_format, "splits": splits}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

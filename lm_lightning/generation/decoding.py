@@ -225,20 +225,23 @@ def generate_texts(
     name: str = "custom",
     batch_size: int = 8,
     progress: bool = False,
+    add_special_tokens: bool = True,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> list[GeneratedText]:
     """Continuations of each prompt by ``model.generate``, ``num_return_sequences`` each, in prompt order.
 
     Prompts are batched with left padding and an attention mask, so a batch gives the same greedy output as
     one prompt at a time. With a ``seed``, sampling is reproducible for the same prompts and batch size, and
     the caller's random state is left as it was. The model's train/eval modes and the tokenizer are left as
-    they were.
+    they were. Prompts rendered by a chat template already hold their special tokens: tokenize them with
+    ``add_special_tokens=False`` and stop at the template's end of turn (``stop_token_ids``).
     """
     if isinstance(prompts, str):
         raise TypeError(f"prompts={prompts!r} is a string: give a list of prompts.")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1.")
     prompts = list(prompts)
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
     for i, length in enumerate(lengths):
         if length == 0:
             raise ValueError(f"prompts[{i}]={prompts[i]!r} has no tokens: give a non-empty prompt.")
@@ -250,7 +253,12 @@ def generate_texts(
     results: list[list[GeneratedText]] = [[] for _ in prompts]
     with _eval_mode(model), _left_padding(tokenizer), torch.no_grad():
         for indices in _progress(batches, progress, name):
-            inputs = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True)
+            inputs = tokenizer(
+                [prompts[i] for i in indices],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=add_special_tokens,
+            )
             prompt_length = inputs["input_ids"].shape[1]
             new_tokens = decoding.max_new_tokens
             if decoding.max_length is not None:
@@ -272,6 +280,7 @@ def generate_texts(
             config = _generation_config(
                 dataclasses.replace(decoding, max_length=None, max_new_tokens=new_tokens), tokenizer, model
             )
+            config.eos_token_id = _merge_ids(config.eos_token_id, list(stop_token_ids or []))
             with _seeded(decoding.seed, model.device):
                 output = model.generate(
                     input_ids=inputs["input_ids"].to(model.device),

@@ -32,6 +32,7 @@ def causal_lm_nll(
     labels: Tensor | None = None,
     attention_mask: Tensor | None = None,
     chunk_size: int | None = 128,
+    position_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sum of next-token negative log-likelihoods and the number of target tokens.
 
@@ -40,23 +41,34 @@ def causal_lm_nll(
     the loss run over ``chunk_size`` positions at a time in float32, so the full ``(B, T, V)`` float32
     logits (the usual evaluation OOM, transformers #15466) never exist at once, in evaluation or, since
     the gradients are computed chunk by chunk too, in training.
+
+    ``position_ids`` that restart at 0 mark packed examples (with ``attention_mask=None``): transformers then
+    keeps attention inside each (a block-diagonal mask for eager and sdpa). ``flash_attention_2`` finds them
+    only in a batch of one row, so for it the rows are joined into one (exact: each row's first label is
+    -100, and its padding continues its last example).
     """
     if labels is None:
         labels = input_ids
+    if position_ids is not None and "flash" in str(getattr(model.config, "_attn_implementation", "")):
+        input_ids, labels, position_ids = (x.reshape(1, -1) for x in (input_ids, labels, position_ids))
     targets = labels[:, 1:]
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
     n_targets = (targets != IGNORE_INDEX).sum()
 
     if chunk_size is None or not supports_chunked_loss(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
         logits = logits[:, :-1].float()  # (B, T-1, V)
         nll = F.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         return nll, n_targets
 
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )[0]
     hidden = hidden[:, :-1]  # (B, T-1, C): the positions that have a target
     head = model.get_output_embeddings()
     nll = _LinearCrossEntropy.apply(

@@ -209,6 +209,7 @@ class CausalLMModule(L.LightningModule):
             labels=batch.get("labels"),
             attention_mask=batch.get("attention_mask"),
             chunk_size=self.hparams.loss_chunk_size,
+            position_ids=batch.get("position_ids"),  # packed examples (restarting at 0), else None
         )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -272,13 +273,18 @@ class CausalLMModule(L.LightningModule):
         """Accumulate the batch's token NLL for the test perplexity."""
         self.test_nll.update(*self._nll(batch))
 
-    def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:
-        """Continuations of a batch of prompts, one record per decoding and returned sequence."""
+    def predict_step(self, batch: list[str] | dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Continuations of a batch of prompts, one record per decoding and returned sequence.
+
+        A dict batch holds rendered chat prompts and how to tokenize and stop them (``ChatPromptBatch``).
+        """
+        options = dict(batch) if isinstance(batch, dict) else {"prompts": batch}
+        prompts = options.pop("prompts")
         return [
             dataclasses.asdict(sample)
             for name, decoding in self.predict_decodings
             for sample in generate_texts(
-                self.model, self._find_tokenizer(), batch, decoding, name, len(batch)
+                self.model, self._find_tokenizer(), prompts, decoding, name, len(prompts), **options
             )
         ]
 

@@ -1,0 +1,327 @@
+"""Fine-tuning data formats: which one a dataset is, and each example as ``input_ids`` and ``labels``.
+
+As trl's ``SFTTrainer`` reads them:
+
+- ``text``: a text column, for language modelling (packed into blocks by ``lm_lightning.data.packing``);
+- ``prompt_completion``: ``prompt`` and ``completion`` strings, tokenized apart and concatenated, EOS after
+  the completion; the loss on the completion (and its EOS) only, unless ``completion_only_loss`` is off;
+- ``chat``: a ``messages`` list of ``{role, content}`` dicts, rendered by the tokenizer's chat template (or
+  one read from a file); the loss on the assistant turns only, unless ``completion_only_loss`` is off.
+
+Each bad row raises a ``ValueError`` that names its split and row.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from datasets import DatasetDict
+from transformers import PreTrainedTokenizerBase
+
+from lm_lightning.data.sources import check_text_column
+
+IGNORE_INDEX = -100
+DataFormat = Literal["auto", "text", "prompt_completion", "chat"]
+FORMATS = ("auto", "text", "prompt_completion", "chat")
+ROLES = ("system", "user", "assistant", "tool")
+# The source row of each example, added before a validation split is held out, so errors name the row.
+ROW_COLUMN = "__row__"
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+NO_TARGET = 2**31 - 1  # ``first_target`` of an example with no target token
+_SENTINEL = "\x00END-OF-TURN-PROBE\x00"
+
+
+def detect_format(columns: list[str], text_column: str, data_format: str, split: str) -> str:
+    """The format of a split with these columns, as trl detects it, or ``data_format`` when not ``auto``."""
+    if data_format not in FORMATS:
+        raise ValueError(f"format={data_format!r} is unknown; choose one of {list(FORMATS)}.")
+    needs = {"text": [text_column], "prompt_completion": ["prompt", "completion"], "chat": ["messages"]}
+    if data_format != "auto":
+        missing = [c for c in needs[data_format] if c not in columns]
+        if missing:
+            raise ValueError(
+                f"format={data_format!r} needs the column(s) {missing}, missing from the {split!r} split "
+                f"(its columns are {columns}): give them, or set --data.format to match the data."
+            )
+        return data_format
+    if "messages" in columns:
+        return "chat"
+    if "prompt" in columns or "completion" in columns:
+        if "prompt" not in columns or "completion" not in columns:
+            found, missing = ("prompt", "completion") if "prompt" in columns else ("completion", "prompt")
+            raise ValueError(
+                f"The {split!r} split has a {found!r} column but no {missing!r} column (its columns are "
+                f"{columns}): prompt-completion data needs both."
+            )
+        return "prompt_completion"
+    if text_column in columns:
+        return "text"
+    raise ValueError(
+        f"Cannot tell the data format of the {split!r} split from its columns {columns}: give a 'messages' "
+        "column (chat), 'prompt' and 'completion' columns, or a text column (--data.text_column); or set "
+        "--data.format."
+    )
+
+
+def check_format_settings(
+    data_format: str,
+    streaming: bool,
+    eos_between_texts: bool,
+    document_masking: bool,
+    eval_stride: int | None,
+    block_size: int | None,
+) -> None:
+    """Refuse settings that cannot go together, before any data is read."""
+    if data_format not in FORMATS:
+        raise ValueError(f"format={data_format!r} is unknown; choose one of {list(FORMATS)}.")
+    if streaming and data_format not in ("auto", "text"):
+        raise ValueError(
+            f"streaming=True works on text data, not format={data_format!r}: set --data.streaming false "
+            "(fine-tuning sets are small enough to cache whole)."
+        )
+    if document_masking and not eos_between_texts:
+        raise ValueError(
+            "document_masking=True finds the texts by the EOS token after each: set "
+            "--data.eos_between_texts true."
+        )
+    if eval_stride is not None and (eval_stride < 1 or (block_size is not None and eval_stride > block_size)):
+        raise ValueError(
+            f"eval_stride={eval_stride} must be in [1, block_size]: a larger stride skips tokens."
+        )
+    if eval_stride is not None and document_masking:
+        raise ValueError(
+            "eval_stride and document_masking=True are two different evaluations: sliding windows across "
+            "texts, or each text on its own; set one."
+        )
+
+
+def check_text_only(
+    data_format: str, streaming: bool, document_masking: bool, eval_stride: int | None
+) -> None:
+    """Refuse settings for text data on fine-tuning examples."""
+    given = [
+        name
+        for name, value in (
+            ("--data.streaming true", streaming),
+            ("--data.document_masking true", document_masking),
+            ("--data.eval_stride", eval_stride),
+        )
+        if value
+    ]
+    if data_format != "text" and given:
+        raise ValueError(
+            f"{given[0]} works on text data; this is {data_format!r} data: unset it (fine-tuning sets are "
+            "cached whole, their examples kept apart and scored on their own)."
+        )
+
+
+def check_streamed_format(texts: Any, text_column: str, data_format: str) -> None:
+    """Refuse a streamed train split that is not text (streaming packs text only)."""
+    columns = getattr(texts, "column_names", None)
+    if columns is not None and (found := detect_format(columns, text_column, data_format, "train")) != "text":
+        raise ValueError(
+            f"streaming=True works on text data; the streamed 'train' split is {found!r} data: set "
+            "--data.streaming false (fine-tuning sets are small enough to cache whole)."
+        )
+
+
+def resolve_format(raw: DatasetDict, text_column: str, data_format: str) -> str:
+    """The one format of every split of ``raw`` (text columns checked to hold strings)."""
+    found = {
+        split: detect_format(ds.column_names, text_column, data_format, split) for split, ds in raw.items()
+    }
+    if len(set(found.values())) > 1:
+        raise ValueError(f"The splits have different formats {found}: give every split the same columns.")
+    data_format = next(iter(found.values()), "text" if data_format == "auto" else data_format)
+    if data_format == "text":
+        for split, ds in raw.items():
+            check_text_column(ds, text_column, split)
+    return data_format
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """A Jinja chat template from a file (``--data.chat_template``), or ``None``."""
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"chat_template={path!r}: no such file. Give a file holding a Jinja chat template."
+        )
+    template = file.read_text(encoding="utf-8")
+    if not template.strip():
+        raise ValueError(f"chat_template={path!r} is empty: give a file holding a Jinja chat template.")
+    return template
+
+
+def chat_template_of(tokenizer: PreTrainedTokenizerBase, template: str | None) -> str:
+    """``template``, else the tokenizer's own chat template; an error that says how to give one."""
+    template = template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError(
+            f"Chat data needs a chat template, and the tokenizer {tokenizer.name_or_path!r} has none: give a "
+            "Jinja template file with --data.chat_template FILE (or use a tokenizer that has one)."
+        )
+    return template
+
+
+def encode_prompt_completion(
+    tokenizer: PreTrainedTokenizerBase, prompt: Any, completion: Any, completion_only_loss: bool, where: str
+) -> tuple[list[int], list[int]]:
+    """``tokenizer(prompt)`` (with its special tokens, e.g. BOS) + ``tokenizer(completion)`` (none) + EOS."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__}.")
+    if not isinstance(completion, str) or not completion.strip():
+        raise ValueError(f"{where}: the completion is empty ({completion!r}): there is nothing to train on.")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("Prompt-completion data needs a tokenizer with an EOS token; this one has none.")
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True).input_ids)
+    completion_ids = list(tokenizer(completion, add_special_tokens=False).input_ids)
+    if completion_ids[-1:] != [eos]:
+        completion_ids.append(eos)
+    prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if completion_only_loss else prompt_ids
+    return prompt_ids + completion_ids, prompt_labels + completion_ids
+
+
+def check_messages(messages: Any, where: str, need_assistant: bool = True) -> None:
+    """Raise unless ``messages`` is a non-empty list of ``{role, content}`` dicts with known roles."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(
+            f"{where}: 'messages' must be a non-empty list of {{role, content}} dicts, got {messages!r:.80}."
+        )
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") is None or message.get("content") is None:
+            raise ValueError(
+                f"{where}: message {j} must be a dict with 'role' and 'content', got {message!r:.80}."
+            )
+        if message["role"] not in ROLES:
+            raise ValueError(
+                f"{where}: message {j} has the unknown role {message['role']!r}; known roles: {list(ROLES)}."
+            )
+        if not isinstance(message["content"], str):
+            raise ValueError(
+                f"{where}: message {j}'s content must be a string, got {type(message['content']).__name__}."
+            )
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: the chat has no assistant turn, so there is nothing to train on.")
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: str, where: str, **kwargs: Any
+) -> str:
+    """The chat rendered by ``template`` as a string; a template error names the row."""
+    if not messages:
+        return ""
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
+    except Exception as err:  # jinja2's TemplateError, UndefinedError, TemplateSyntaxError, ...
+        raise ValueError(f"{where}: the chat template does not render: {type(err).__name__}: {err}") from err
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Any, template: str, completion_only_loss: bool, where: str
+) -> tuple[list[int], list[int]]:
+    """A chat's token ids and labels: -100 outside the assistant turns (with ``completion_only_loss``).
+
+    A template with ``{% generation %}`` markers gives the assistant mask itself (transformers'
+    ``return_assistant_tokens_mask``). Without markers, which most templates lack, an assistant turn is the
+    text between the render of the messages before it (with the generation prompt) and the render through
+    it, trailing whitespace excluded; the tokens of the whole render that overlap those characters are
+    the assistant's. Written here because transformers only supports the marked templates.
+    """
+    check_messages(messages, where)
+    if _GENERATION_MARKER.search(template):
+        try:
+            out = tokenizer.apply_chat_template(
+                messages, chat_template=template, return_dict=True, return_assistant_tokens_mask=True
+            )
+        except Exception as err:
+            raise ValueError(
+                f"{where}: the chat template does not render: {type(err).__name__}: {err}"
+            ) from err
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    else:
+        text = render_chat(tokenizer, messages, template, where)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = render_chat(tokenizer, messages[:i], template, where, add_generation_prompt=True)
+            through = render_chat(tokenizer, messages[: i + 1], template, where)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ValueError(
+                    f"{where}: the chat template renders message {i} differently depending on what follows "
+                    "it, so its tokens cannot be found: mark the assistant content in the template with "
+                    "{% generation %}...{% endgeneration %}."
+                )
+            spans.append((len(before), len(through.rstrip())))
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        mask = [int(any(s < e and t > b for b, e in spans)) for s, t in encoded["offset_mapping"]]
+    if not any(mask):
+        raise ValueError(
+            f"{where}: the chat template drops the assistant turns: no token is the assistant's."
+        )
+    labels = [
+        t if keep or not completion_only_loss else IGNORE_INDEX for t, keep in zip(ids, mask, strict=True)
+    ]
+    return ids, labels
+
+
+class ExampleEncoder:
+    """A ``datasets.map(batched=True)`` callable: rows of one format -> ``input_ids``, ``labels`` and
+    ``first_target`` (the index of the first label that is a target, position 0 never being one)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        data_format: str,
+        completion_only_loss: bool,
+        chat_template: str | None,
+        source_split: str,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.data_format = data_format
+        self.completion_only_loss = completion_only_loss
+        self.template = chat_template_of(tokenizer, chat_template) if data_format == "chat" else None
+        self.source_split = source_split
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "first_target": []}
+        for j, row in enumerate(batch[ROW_COLUMN]):
+            where = f"The {self.source_split!r} split, row {row} (counting from 0)"
+            if self.data_format == "prompt_completion":
+                ids, labels = encode_prompt_completion(
+                    self.tokenizer,
+                    batch["prompt"][j],
+                    batch["completion"][j],
+                    self.completion_only_loss,
+                    where,
+                )
+            else:
+                ids, labels = encode_chat(
+                    self.tokenizer, batch["messages"][j], self.template, self.completion_only_loss, where
+                )
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            targets = (i for i, t in enumerate(labels) if i and t != IGNORE_INDEX)
+            out["first_target"].append(next(targets, NO_TARGET))
+        return out
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
+    """The tokens that end an assistant turn: the special token the template writes right after an assistant
+    message (found by rendering a probe message), and the tokenizer's EOS."""
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
+    text = render_chat(tokenizer, messages, template, "The end-of-turn probe")
+    after = text[text.index(_SENTINEL) + len(_SENTINEL) :].lstrip()
+    ids = []
+    first = tokenizer(after, add_special_tokens=False).input_ids[:1] if after else []
+    if first and first[0] in tokenizer.added_tokens_decoder:  # a special token such as <|im_end|>
+        ids.append(first[0])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
