@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from datasets import DatasetDict
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from lm_lightning.data.sources import check_text_column
 
@@ -212,11 +213,14 @@ def check_messages(messages: Any, where: str, need_assistant: bool = True) -> No
 def render_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: str, where: str, **kwargs: Any
 ) -> str:
-    """The chat rendered by ``template`` as a string; a template error names the row."""
-    if not messages:
-        return ""
+    """The chat rendered by ``template`` as a string (as ``apply_chat_template`` renders it, which refuses
+    an empty chat: the generation prompt alone is needed before a first assistant turn); a template error
+    names the row."""
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
+        rendered, _ = render_jinja_template(
+            conversations=[messages], chat_template=template, **tokenizer.special_tokens_map, **kwargs
+        )
+        return rendered[0]
     except Exception as err:  # jinja2's TemplateError, UndefinedError, TemplateSyntaxError, ...
         raise ValueError(f"{where}: the chat template does not render: {type(err).__name__}: {err}") from err
 

@@ -1,0 +1,327 @@
+"""Fine-tuning formats: detection, exact labels, packing that keeps examples apart, document masking, strided
+perplexity, chat prompts for predict."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from conftest import quiet_trainer
+from datasets import Dataset, DatasetDict
+from tokenizers import processors
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lm_lightning import CausalLMDataModule, CausalLMModule, causal_lm_nll
+from lm_lightning.data.formats import IGNORE_INDEX, detect_format, encode_chat, encode_prompt_completion
+from lm_lightning.data.strided import blocks_to_stream, strided_windows
+
+CHATML_MARKED = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATS = [
+    [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "What does the for statement do?"},
+        {"role": "assistant", "content": "It iterates over a sequence."},
+        {"role": "user", "content": "And while?"},
+        {"role": "assistant", "content": "\n\n    It loops while a condition holds.\n"},
+    ],
+    [{"role": "assistant", "content": "I start."}, {"role": "user", "content": "Ok"}],
+    [{"role": "user", "content": "Ünïcödé?"}, {"role": "assistant", "content": "日本語 ✓ 🐍"}],
+]
+
+
+def chat_tokenizer(tokenizer):
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def test_format_detection_as_trl_and_override():
+    assert detect_format(["messages", "id"], "text", "auto", "train") == "chat"
+    assert detect_format(["prompt", "completion"], "text", "auto", "train") == "prompt_completion"
+    assert detect_format(["text", "prompt_id"], "text", "auto", "train") == "text"
+    assert detect_format(["body"], "body", "auto", "train") == "text"
+    assert detect_format(["prompt", "completion", "text"], "text", "text", "train") == "text"  # override
+    with pytest.raises(ValueError, match="has a 'prompt' column but no 'completion' column"):
+        detect_format(["prompt", "text"], "text", "auto", "train")
+    with pytest.raises(ValueError, match="Cannot tell the data format of the 'validation' split"):
+        detect_format(["body"], "text", "auto", "validation")
+    with pytest.raises(ValueError, match=r"format='chat' needs the column\(s\) \['messages'\]"):
+        detect_format(["text"], "text", "chat", "train")
+
+
+def test_prompt_completion_ids_and_labels_exact(bpe_tokenizer):
+    tok, eos = bpe_tokenizer, bpe_tokenizer.eos_token_id
+    prompt, completion = "Explain the for statement.\n", "It iterates."
+    p = tok(prompt).input_ids
+    c = tok(completion, add_special_tokens=False).input_ids
+    ids, labels = encode_prompt_completion(tok, prompt, completion, True, "row 0")
+    assert ids == p + c + [eos]
+    assert labels == [IGNORE_INDEX] * len(p) + c + [eos]
+    assert encode_prompt_completion(tok, prompt, completion, False, "row 0") == (ids, ids)
+    # A completion that already ends with EOS gets no second one.
+    assert encode_prompt_completion(tok, prompt, completion + tok.eos_token, True, "r")[0] == ids
+    # A tokenizer that adds BOS: one BOS, before the prompt only (tokenized apart, as trl does).
+    tok.add_special_tokens({"bos_token": "<s>"})
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    ids, labels = encode_prompt_completion(tok, prompt, completion, True, "row 0")
+    assert ids == [bos] + p + c + [eos] and ids.count(bos) == 1
+    assert labels == [IGNORE_INDEX] * (len(p) + 1) + c + [eos]
+
+
+def test_chat_labels_cover_assistant_turns_with_and_without_generation_markers(bpe_tokenizer):
+    tok = chat_tokenizer(bpe_tokenizer)
+    for chat in CHATS:
+        marked = encode_chat(tok, chat, CHATML_MARKED, True, "row 0")
+        plain = encode_chat(tok, chat, CHATML, True, "row 0")
+        assert marked == plain
+        ids, labels = plain
+        assert ids == tok(tok.apply_chat_template(chat, chat_template=CHATML, tokenize=False)).input_ids
+        trained = tok.decode([t for t in labels if t != IGNORE_INDEX])
+        assert trained == "".join(m["content"] + "<|im_end|>" for m in chat if m["role"] == "assistant")
+        assert encode_chat(tok, chat, CHATML, False, "row 0") == (ids, ids)
+
+
+def tiny_module(tokenizer_path, family="gpt2", attn="sdpa", chunk=128, vocab=None):
+    config = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
+    if family == "llama":
+        config = {
+            "model_type": "llama",
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "max_position_embeddings": 128,
+        }
+    if vocab:
+        config["vocab_size"] = vocab
+    torch.manual_seed(0)
+    module = CausalLMModule(
+        model_config=config, tokenizer=tokenizer_path, attn_implementation=attn, loss_chunk_size=chunk
+    )
+    module.configure_model()
+    module.model.eval()
+    return module
+
+
+def split_nll(module, loader):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            nll, n = module._nll(batch)
+            total, count = total + nll.item(), count + int(n)
+    return total, count
+
+
+@pytest.mark.parametrize(
+    "family, attn, chunk, completion_only",
+    [("gpt2", "sdpa", 128, True), ("gpt2", "eager", None, False), ("llama", "sdpa", None, False)],
+)
+def test_packed_unpacked_and_alone_give_the_same_loss(
+    tmp_path, bpe_tokenizer_path, family, attn, chunk, completion_only, caplog
+):
+    """Through the data module's loaders and the module's loss: packed == unpacked == each example alone.
+
+    Without completion_only_loss every token is a target, the first of each packed example included
+    unless it is masked."""
+    data = dict(tokenizer=bpe_tokenizer_path, corpus="python-docs-qa", block_size=96, batch_size=8)
+    data["completion_only_loss"] = completion_only
+    data["cache_dir"] = str(tmp_path / "cache")
+    module = tiny_module(bpe_tokenizer_path, family, attn, chunk)
+    results = {}
+    with caplog.at_level(logging.INFO, logger="lm_lightning"):
+        for packing in (False, True):
+            dm = CausalLMDataModule(**data, packing=packing, validation_split_percentage=20)
+            dm.prepare_data()
+            dm.setup()
+            results[packing] = split_nll(module, dm.val_dataloader())
+            rows = dm.datasets["validation"]
+            if packing:
+                assert len(rows) < len(unpacked_rows)  # several examples share a row
+                assert "position_ids" in next(iter(dm.val_dataloader()))
+            else:
+                unpacked_rows = rows
+    # Each example alone: the unpacked rows, one at a time, without padding.
+    alone, n_alone = 0.0, 0
+    with torch.no_grad():
+        for row in unpacked_rows:
+            nll, n = causal_lm_nll(
+                module.model, row["input_ids"][None], row["labels"][None], chunk_size=chunk
+            )
+            alone, n_alone = alone + nll.item(), n_alone + int(n)
+    assert results[False][1] == results[True][1] == n_alone
+    for total, _ in results.values():
+        assert total == pytest.approx(alone, rel=1e-5)
+        assert math.exp(total / n_alone) == pytest.approx(math.exp(alone / n_alone), rel=1e-5)
+    # The truncation is logged with its counts (here: every split, for each packing).
+    assert any("longer than block_size truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_validate_perplexity_packed_equals_unpacked(tmp_path, bpe_tokenizer_path):
+    """The logged val/perplexity, through Trainer.validate, does not depend on packing."""
+    out = {}
+    for packing in (False, True):
+        dm = CausalLMDataModule(
+            tokenizer=bpe_tokenizer_path,
+            corpus="python-docs-qa",
+            block_size=96,
+            batch_size=4,
+            packing=packing,
+            cache_dir=str(tmp_path / "cache"),
+        )
+        module = tiny_module(bpe_tokenizer_path)
+        out[packing] = quiet_trainer(tmp_path).validate(module, dm, verbose=False)[0]["val/perplexity"]
+    assert out[True] == pytest.approx(out[False], rel=1e-5)
+
+
+def test_truncated_and_dropped_examples_are_counted_and_logged(tmp_path, bpe_tokenizer_path, caplog):
+    rows = {
+        "prompt": ["Short question?\n", "word " * 40, "Another one.\n", "x"],
+        "completion": ["Short answer.", "fits after the long prompt? no", "word " * 40, "y"],
+    }
+    dm = CausalLMDataModule(
+        tokenizer=bpe_tokenizer_path,
+        dataset=DatasetDict(train=Dataset.from_dict(rows), validation=Dataset.from_dict(rows)),
+        block_size=24,
+        packing=True,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with caplog.at_level(logging.INFO, logger="lm_lightning"):
+        dm.prepare_data()
+    dm.setup()
+    # Row 1's prompt alone is longer than 24 tokens: no target is left, it is dropped; row 2 is truncated.
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train:")]
+    assert len(messages) == 1 and messages[0].startswith("train: 4 examples -> 2 rows of at most 24 tokens")
+    assert messages[0].endswith(
+        "2 longer than block_size truncated to their first 24 tokens, 1 dropped (no target token among them)"
+    )
+    manifest = json.loads((dm.cache_path / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["num_truncated"] == 2 and manifest["splits"]["train"]["num_dropped"] == 1
+    rows = list(dm.datasets["train"])
+    assert sorted(len(r["input_ids"]) for r in rows)[-1] == 24  # the truncated example fills a row
+    assert sum(r["position_ids"].tolist().count(0) for r in rows) == 3  # three examples kept
+
+
+def test_document_masking_equals_each_document_alone(tmp_path, bpe_tokenizer_path, doc_texts):
+    texts = Dataset.from_dict({"text": doc_texts[100:160]})
+    dm = CausalLMDataModule(
+        tokenizer=bpe_tokenizer_path,
+        dataset=DatasetDict(train=texts, validation=texts),
+        block_size=96,
+        batch_size=8,
+        eos_between_texts=True,
+        document_masking=True,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm.prepare_data()
+    dm.setup()
+    module = tiny_module(bpe_tokenizer_path, "llama", "sdpa")
+    masked, n_masked = split_nll(module, dm.val_dataloader())
+    eos = dm.tokenizer.eos_token_id
+    alone, n_alone, plain_count = 0.0, 0, 0
+    with torch.no_grad():
+        for block in dm.datasets["validation"]["input_ids"]:
+            plain_count += len(block) - 1
+            starts = [0] + [i + 1 for i in range(len(block) - 1) if block[i] == eos] + [len(block)]
+            for a, b in zip(starts[:-1], starts[1:], strict=False):
+                nll, n = causal_lm_nll(module.model, block[a:b][None].long(), chunk_size=None)
+                alone, n_alone = alone + nll.item(), n_alone + int(n)
+    assert n_masked == n_alone < plain_count  # each document's first token is no target
+    assert masked == pytest.approx(alone, rel=1e-5)
+
+
+def reference_strided_nll(model, stream, window, stride):
+    """Independent of the windows code: token t is scored from the context stream[b:t], b the start of the
+    first window (a multiple of stride) whose end passes t; t is unscored when it opens its window."""
+    nll, n, cached = 0.0, 0, None
+    k = 0
+    with torch.no_grad():
+        for t in range(1, len(stream)):
+            while min(k * stride + window, len(stream)) <= t:
+                k += 1
+            b = k * stride
+            if b == t:
+                continue
+            if cached is None or cached[0] != b:
+                logits = model(stream[None, b : min(b + window, len(stream))]).logits[0]
+                cached = (b, torch.log_softmax(logits.double(), -1))
+            nll -= cached[1][t - 1 - b, stream[t]].item()
+            n += 1
+    return nll, n
+
+
+def test_strided_perplexity_equals_an_independent_reference(tmp_path, bpe_tokenizer_path, doc_texts):
+    texts = Dataset.from_dict({"text": doc_texts[200:230]})
+    data = dict(
+        tokenizer=bpe_tokenizer_path,
+        dataset=DatasetDict(train=texts, validation=texts),
+        block_size=64,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    module = tiny_module(bpe_tokenizer_path)
+    validate = quiet_trainer(tmp_path).validate
+    disjoint = validate(module, CausalLMDataModule(**data), verbose=False)[0]["val/perplexity"]
+    assert validate(module, CausalLMDataModule(**data, eval_stride=64), verbose=False)[0][
+        "val/perplexity"
+    ] == pytest.approx(disjoint, rel=1e-6)
+    dm = CausalLMDataModule(**data, eval_stride=24)
+    strided = validate(module, dm, verbose=False)[0]["val/perplexity"]
+    stream = blocks_to_stream(dm.datasets["validation"]).long()
+    nll, n = reference_strided_nll(module.model, stream, 64, 24)
+    assert n == len(stream) - 1  # every token but the first scored once
+    assert strided == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert strided < disjoint  # more context per token
+    assert strided_windows(10, 4, 3) == [(0, 4, 0), (3, 7, 1), (6, 10, 1)]
+
+
+def test_chat_predict_stops_at_the_end_of_turn(tmp_path, bpe_tokenizer):
+    tok = chat_tokenizer(bpe_tokenizer)
+    tok.chat_template = CHATML
+    tok.save_pretrained(tmp_path / "tok")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # every position's hidden state is <|im_end|>'s embedding: it is always predicted
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[im_end] * 50)
+    model.save_pretrained(tmp_path / "model")
+    chats = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A tuple?"}]},
+        {"messages": [{"role": "user", "content": "Hi"}]},
+    ]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    (tmp_path / "plain.txt").write_text("A tuple?\n")
+    outputs = {}
+    for name in ("chats.jsonl", "plain.txt"):
+        module = CausalLMModule(
+            model_name_or_path=str(tmp_path / "model"),
+            tokenizer=str(tmp_path / "tok"),
+            predict_decodings=[{"preset": "greedy", "max_new_tokens": 5}],
+        )
+        dm = CausalLMDataModule(tokenizer=str(tmp_path / "tok"), prompts_file=str(tmp_path / name))
+        outputs[name] = [r for batch in quiet_trainer(tmp_path).predict(module, dm) for r in batch]
+    chat_out = outputs["chats.jsonl"]
+    assert [r["prompt"] for r in chat_out] == [
+        tok.apply_chat_template(c["messages"], tokenize=False, add_generation_prompt=True) for c in chats
+    ]
+    assert chat_out[1]["prompt"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert [(r["num_new_tokens"], r["text"]) for r in chat_out] == [(1, ""), (1, "")]  # stopped at <|im_end|>
+    assert outputs["plain.txt"][0]["num_new_tokens"] == 5  # a plain prompt does not stop there
