@@ -144,7 +144,7 @@ def test_packed_unpacked_and_alone_give_the_same_loss(
     data["completion_only_loss"] = completion_only
     data["cache_dir"] = str(tmp_path / "cache")
     module = tiny_module(bpe_tokenizer_path, family, attn, chunk)
-    results = {}
+    results, unpacked_rows = {}, None
     with caplog.at_level(logging.INFO, logger="lm_lightning"):
         for packing in (False, True):
             dm = CausalLMDataModule(**data, packing=packing, validation_split_percentage=20)
@@ -212,7 +212,8 @@ def test_truncated_and_dropped_examples_are_counted_and_logged(tmp_path, bpe_tok
         "2 longer than block_size truncated to their first 24 tokens, 1 dropped (no target token among them)"
     )
     manifest = json.loads((dm.cache_path / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["num_truncated"] == 2 and manifest["splits"]["train"]["num_dropped"] == 1
+    counts = manifest["splits"]["train"]
+    assert counts["num_truncated"] == 2 and counts["num_dropped"] == 1
     rows = list(dm.datasets["train"])
     assert sorted(len(r["input_ids"]) for r in rows)[-1] == 24  # the truncated example fills a row
     assert sum(r["position_ids"].tolist().count(0) for r in rows) == 3  # three examples kept
