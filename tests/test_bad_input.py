@@ -8,6 +8,7 @@ Running every case in a fresh interpreter would cost ~10 s of imports each on a 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +29,29 @@ def run_dir(tmp_path, bpe_tokenizer_path, doc_texts, monkeypatch) -> Path:
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 50)
     (tmp_path / "notackpt.ckpt").write_text("this is not a checkpoint\n")
     torch.save({"state_dict": {}, "hyper_parameters": {"hidden_dim": 8}}, tmp_path / "other_module.ckpt")
+    pairs = [{"prompt": f"Question {i}?\n", "completion": f"Answer {i}."} for i in range(4)]
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    jsonl = {
+        "pc.jsonl": pairs,
+        "pc_empty.jsonl": [*pairs[:2], {"prompt": "Q?", "completion": ""}],
+        "completion_only.jsonl": [{"completion": "An answer."}],
+        "chat.jsonl": [{"messages": chat}] * 3,
+        "chat_no_assistant.jsonl": [{"messages": chat}, {"messages": chat[:1]}],
+        "chat_role.jsonl": [{"messages": [{"role": "wizard", "content": "Hi"}, chat[1]]}],
+    }
+    for name, rows in jsonl.items():
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "chatml.jinja").write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    (tmp_path / "broken.jinja").write_text("{{ raise_exception('Conversation roles must alternate') }}")
     write_tiny_config(tmp_path, bpe_tokenizer_path, doc_texts)
     return tmp_path
 
 
+PC = ["fit", "--data.data_files.validation", "pc.jsonl", "--data.data_files.train"]
+CHAT = ["fit", "--data.data_files.validation", "chat.jsonl", "--data.chat_template", "chatml.jinja"]
 SAMPLER = ["--trainer.callbacks+=lm_lightning.TextGenerationCallback", "--trainer.callbacks.prompts=[The]"]
 
 # (id, command line after the config, what the message must say)
@@ -127,6 +147,56 @@ CASES = [
         "Give --ckpt_path last (the newest checkpoint of this config's runs)",
     ),
     ("test with no test split", ["test"], "The data source has no 'test' split (its splits are ['train', "),
+    (
+        "empty completion",
+        [*PC, "pc_empty.jsonl"],
+        "The 'train' split, row 2 (counting from 0): the completion is empty ('')",
+    ),
+    (
+        "missing column",
+        [*PC, "completion_only.jsonl"],
+        "The 'train' split has a 'completion' column but no 'prompt' column",
+    ),
+    (
+        "format without its column",
+        ["fit", "--data.format", "chat"],
+        "format='chat' needs the column(s) ['messages'], missing from the 'train' split",
+    ),
+    (
+        "chat with no assistant turn",
+        [*CHAT, "--data.data_files.train", "chat_no_assistant.jsonl"],
+        "The 'train' split, row 1 (counting from 0): the chat has no assistant turn",
+    ),
+    (
+        "unknown role",
+        [*CHAT, "--data.data_files.train", "chat_role.jsonl"],
+        "row 0 (counting from 0): message 0 has the unknown role 'wizard'",
+    ),
+    (
+        "chat template that does not render",
+        [*CHAT[:3], "--data.data_files.train", "chat.jsonl", "--data.chat_template", "broken.jinja"],
+        "row 0 (counting from 0): the chat template does not render: TemplateError: Conversation roles must",
+    ),
+    (
+        "chat without a template",
+        [*CHAT[:3], "--data.data_files.train", "chat.jsonl"],
+        "has none: give a Jinja template file with --data.chat_template FILE",
+    ),
+    (
+        "missing chat template file",
+        [*CHAT[:3], "--data.chat_template", "nope.jinja"],
+        "chat_template='nope.jinja': no such file",
+    ),
+    (
+        "streaming chats",
+        [*CHAT, "--data.data_files.train", "chat.jsonl", "--data.streaming", "true"],
+        "--data.streaming true works on text data; this is 'chat' data",
+    ),
+    (
+        "streaming a chat format",
+        ["fit", "--data.streaming", "true", "--data.format", "chat"],
+        "streaming=True works on text data, not format='chat'",
+    ),
     (
         "two data sources",
         ["fit", "--data.corpus", "python-docs"],

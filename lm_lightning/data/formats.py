@@ -57,13 +57,7 @@ def detect_format(columns: list[str], text_column: str, data_format: str, split:
                 f"{columns}): prompt-completion data needs both."
             )
         return "prompt_completion"
-    if text_column in columns:
-        return "text"
-    raise ValueError(
-        f"Cannot tell the data format of the {split!r} split from its columns {columns}: give a 'messages' "
-        "column (chat), 'prompt' and 'completion' columns, or a text column (--data.text_column); or set "
-        "--data.format."
-    )
+    return "text"  # a missing text column gets check_text_column's error, which lists the columns
 
 
 def check_format_settings(
