@@ -7,6 +7,7 @@ import json
 import logging
 import math
 
+import lightning as L
 import pytest
 import torch
 from conftest import quiet_trainer
@@ -324,3 +325,40 @@ def test_chat_predict_stops_at_the_end_of_turn(tmp_path, bpe_tokenizer):
     assert chat_out[1]["prompt"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert [(r["num_new_tokens"], r["text"]) for r in chat_out] == [(1, ""), (1, "")]  # stopped at <|im_end|>
     assert outputs["plain.txt"][0]["num_new_tokens"] == 5  # a plain prompt does not stop there
+
+
+def test_sft_recipe_lowers_the_completion_perplexity(tmp_path, bpe_tokenizer_path, monkeypatch):
+    """The shipped recipe, with the quickstart's export swapped for a tiny GPT-2 folder."""
+    from pathlib import Path
+
+    from lm_lightning.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    module = tiny_module(bpe_tokenizer_path)
+    module.export_hf(tmp_path / "hf_model")
+    config = Path(__file__).parents[1] / "configs" / "sft-python-docs.yaml"
+    cli = cli_main(
+        ["--config", str(config), "--model.model_name_or_path", "hf_model", "--data.tokenizer", "hf_model",
+         "--data.block_size", "128", "--data.cache_dir", "cache", "--trainer.accelerator", "cpu",
+         "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "6", "--model.export_dir", "null"],
+        run=False,
+    )  # fmt: skip
+    perplexities = []
+
+    class Record(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                perplexities.append(float(trainer.callback_metrics["val/perplexity"]))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            assert "position_ids" in batch  # packed
+            assert (batch["labels"] == IGNORE_INDEX).any()  # the prompts are masked
+
+    cli.trainer.callbacks.append(Record())
+    # Before: the same weights in another module (a module validated in inference mode is not trained after).
+    start = CausalLMModule(model_name_or_path="hf_model", tokenizer="hf_model")
+    before = quiet_trainer(tmp_path).validate(start, cli.datamodule, verbose=False)[0]["val/perplexity"]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.datamodule.data_format == "prompt_completion"
+    assert len(perplexities) == 3
+    assert before > perplexities[0] > perplexities[1] > perplexities[2]
