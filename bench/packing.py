@@ -41,7 +41,8 @@ def epoch(module, loader) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
@@ -108,14 +109,16 @@ def main() -> None:
     )
     speedup = rate[True] / rate[False]
     figures = (
-        f"python-docs-qa ({real_tokens[True]:,} real train tokens), rows <= {args.block}, batch {args.batch}, "
+        f"python-docs-qa ({real_tokens[True]:,} real train tokens), rows <= {args.block}, "
+        f"batch {args.batch}, "
         f"4x256 GPT-2, vocab 2,048, cpu float32, {args.threads} torch thread(s), one epoch (median of "
         f"{args.repeats}): unpacked {rate[False]:.0f} real tok/s ({fill[False]:.1%} of the tokens processed "
         f"are real), packed {rate[True]:.0f} real tok/s ({fill[True]:.1%} real)"
     )
     print(figures)
     if not args.no_record:
-        common.append_row("packing", figures, f"packed {speedup:.2f}x unpacked (no goal: a record)", " ".join(loads))
+        versus = f"packed {speedup:.2f}x unpacked (no goal: a record)"
+        common.append_row("packing", figures, versus, " ".join(loads))
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ class CausalLMDataModule(L.LightningDataModule):
             ``$HF_DATASETS_CACHE/lm_lightning``.
         seed: Seed for the validation hold-out and the training shuffle.
         prompts: Prompts for ``predict``.
-        prompts_file: A ``.txt`` (one prompt per line) or ``.jsonl`` (``prompt`` key) file of prompts for
-            ``predict``.
+        prompts_file: A ``.txt`` (one prompt per line) or ``.jsonl`` (``prompt`` key, or ``messages``: chats
+            answered through the chat template) file of prompts for ``predict``.
         streaming: Tokenize and pack the train split on the fly from a streamed ``IterableDataset`` (hub or
             local files; nothing downloaded in full, nothing cached), shards dealt to ranks and workers
             (``lm_lightning.streaming``). Repeats without end: train by ``--trainer.max_steps``. Needs a

@@ -180,7 +180,8 @@ def _write_splits(
             "num_dropped": n_dropped,
         }
         del examples, rows, table
-        (tmp / f"{split}-examples.arrow").unlink(missing_ok=True)
+        for file in tmp.glob(f"{split}-examples*.arrow"):  # with num_proc, one file per process
+            file.unlink()
     return splits
 
 
