@@ -75,17 +75,14 @@ class CausalLMDataModule(L.LightningDataModule):
             local files; nothing downloaded in full, nothing cached), shards dealt to ranks and workers
             (``lm_lightning.streaming``). Repeats without end: train by ``--trainer.max_steps``. Needs a
             validation split, which stays cached and map-style. Text data only.
-        format: ``auto`` (a ``messages`` column: ``chat``; ``prompt`` and ``completion``:
-            ``prompt_completion``; else ``text``, as trl detects it), or one of those to insist on it.
-        completion_only_loss: The loss on the completion (the assistant turns of a chat) only, else on all.
+        format: ``auto`` (detected as trl does: ``messages`` -> ``chat``, ``prompt`` and ``completion`` ->
+            ``prompt_completion``, else ``text``), or one of those.
+        completion_only_loss: The loss on the completion (a chat's assistant turns) only, else on all.
         chat_template: A Jinja chat template file for chats, instead of the tokenizer's own.
-        packing: Pack several examples into each row of ``block_size`` (attention kept inside each), instead
-            of one a row. Raw text is always packed into blocks.
-        document_masking: Raw text: keep attention inside each EOS-separated text of a block, as packed
-            examples do (needs ``eos_between_texts``).
-        eval_stride: Validation and test perplexity by sliding windows of ``block_size`` starting every
-            ``eval_stride`` tokens, each token scored once with the context before it
-            (``lm_lightning.data.strided``); default: disjoint blocks. Text data only.
+        packing: Several examples per row of ``block_size``, kept apart, instead of one a row.
+        document_masking: Raw text: attention only inside each EOS-separated text (``eos_between_texts``).
+        eval_stride: Evaluate by windows of ``block_size`` every ``eval_stride`` tokens, only the tokens new
+            to each scored (``lm_lightning.data.strided``); default: disjoint blocks. Text only.
     """
 
     def __init__(
@@ -190,8 +187,8 @@ class CausalLMDataModule(L.LightningDataModule):
         self._tokenizer_path: str | None = tokenizer if isinstance(tokenizer, str) else None
         self.datasets: dict[str, Dataset] = {}
         self.cache_path: Path | None = None
-        self._raw: DatasetDict | None = None
-        self._held_out = False  # the source, when loading it was needed for the cache key
+        self._raw: DatasetDict | None = None  # the source, when loading it was needed for the cache key
+        self._held_out = False
         # Many tokenizer processes already use the cores: keep each single-threaded (and silent when
         # DataLoader workers fork). One process: let the Rust tokenizer use all cores.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if self.num_proc > 1 else "true")
@@ -281,16 +278,14 @@ class CausalLMDataModule(L.LightningDataModule):
                     # With several processes each packs its own shard and drops its own partial block.
                     self.num_proc,
                 ]
-                + self._examples_key()
+                # Fine-tuning settings, when any is not the default (a text cache keeps the key it had).
+                + ([] if self._example_key() == ["auto", True, None, False] else [self._example_key()])
             )
             self.cache_path = self.cache_root / "blocks" / key
         return self.cache_path
 
-    def _examples_key(self) -> list:
-        """What else decides the cache of fine-tuning examples (nothing for text data with the defaults, so
-        the key of a text cache is what it was before these settings existed)."""
-        settings = [self.format_setting, self.completion_only_loss, self.chat_template, self.packing]
-        return [] if settings == ["auto", True, None, False] else [settings]
+    def _example_key(self) -> list:
+        return [self.format_setting, self.completion_only_loss, self.chat_template, self.packing]
 
     def prepare_data(self) -> None:
         """Tokenize and pack every split into the on-disk cache, unless it is there already."""
@@ -302,19 +297,11 @@ class CausalLMDataModule(L.LightningDataModule):
             return
         raw = raw if raw is not None else self.load_raw()
         if self.data_format != "text":
+            settings = ("completion_only_loss", "chat_template", "packing", "map_batch_size", "num_proc")
             examples.write_example_cache(
-                raw,
-                path,
-                self.tokenizer,
-                data_format=self.data_format,
-                completion_only_loss=self.completion_only_loss,
-                chat_template=self.chat_template,
-                block_size=self.block_size,
-                packing=self.packing,
-                held_out=self._held_out,
-                map_batch_size=self.map_batch_size,
-                num_proc=self.num_proc,
-            )
+                raw, path, self.tokenizer, self.data_format, self.block_size, self._held_out,
+                **{name: getattr(self, name) for name in settings},
+            )  # fmt: skip
             return
         write_block_cache(
             raw,

@@ -89,17 +89,20 @@ def write_example_cache(
     raw: DatasetDict,
     path: Path,
     tokenizer: PreTrainedTokenizerBase,
-    *,
     data_format: str,
+    block_size: int,
+    held_out: bool,
+    *,
     completion_only_loss: bool,
     chat_template: str | None,
-    block_size: int,
     packing: bool,
-    held_out: bool,
     map_batch_size: int,
     num_proc: int,
 ) -> None:
-    """Encode and pack every split of ``raw`` into the cache folder ``path`` (written atomically)."""
+    """Encode and pack every split of ``raw`` into the cache folder ``path`` (written atomically).
+
+    ``held_out``: the validation split was held out of the source's train split (its rows are named so).
+    """
     with atomic_path(path, directory=True) as tmp:
         splits = _write_splits(
             raw,
