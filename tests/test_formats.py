@@ -97,7 +97,7 @@ def test_chat_labels_cover_assistant_turns_with_and_without_generation_markers(b
 
 
 def tiny_module(tokenizer_path, family="gpt2", attn="sdpa", chunk=128, vocab=None):
-    config = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
+    config = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 256}
     if family == "llama":
         config = {
             "model_type": "llama",
@@ -106,7 +106,7 @@ def tiny_module(tokenizer_path, family="gpt2", attn="sdpa", chunk=128, vocab=Non
             "num_key_value_heads": 2,
             "hidden_size": 32,
             "intermediate_size": 64,
-            "max_position_embeddings": 128,
+            "max_position_embeddings": 256,
         }
     if vocab:
         config["vocab_size"] = vocab
@@ -128,18 +128,49 @@ def split_nll(module, loader):
     return total, count
 
 
+def qa_chats() -> DatasetDict:
+    """Two-turn chats from the python-docs-qa pairs."""
+    from lm_lightning.data.corpus import python_docs_qa
+
+    qa = python_docs_qa()
+    pairs = list(zip(qa["prompt"], qa["completion"], strict=True))
+    chats = [
+        [
+            {"role": "user", "content": p},
+            {"role": "assistant", "content": c[:60]},
+            {"role": "user", "content": "And then?"},
+            {"role": "assistant", "content": pairs[(i + 1) % len(pairs)][1][:40]},
+        ]
+        for i, (p, c) in enumerate(pairs)
+    ]
+    return DatasetDict(train=Dataset.from_dict({"messages": chats}))
+
+
 @pytest.mark.parametrize(
-    "family, attn, chunk, completion_only",
-    [("gpt2", "sdpa", 128, True), ("gpt2", "eager", None, False), ("llama", "sdpa", None, False)],
+    "family, attn, chunk, completion_only, chat",
+    [
+        ("gpt2", "sdpa", 128, True, False),
+        ("gpt2", "eager", None, False, False),
+        ("llama", "sdpa", None, False, False),
+        ("llama", "eager", 128, True, True),
+    ],
 )
 def test_packed_unpacked_and_alone_give_the_same_loss(
-    tmp_path, bpe_tokenizer_path, family, attn, chunk, completion_only, caplog
+    tmp_path, bpe_tokenizer_path, family, attn, chunk, completion_only, chat, caplog
 ):
     """Through the data module's loaders and the module's loss: packed == unpacked == each example alone.
 
     Without completion_only_loss every token is a target, the first of each packed example included
     unless it is masked."""
     data = dict(tokenizer=bpe_tokenizer_path, corpus="python-docs-qa", block_size=96, batch_size=8)
+    if chat:
+        template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        (tmp_path / "chat.jinja").write_text(
+            template + "{% if add_generation_prompt %}assistant: {% endif %}"
+        )
+        data.update(
+            corpus=None, dataset=qa_chats(), chat_template=str(tmp_path / "chat.jinja"), block_size=256
+        )
     data["completion_only_loss"] = completion_only
     data["cache_dir"] = str(tmp_path / "cache")
     module = tiny_module(bpe_tokenizer_path, family, attn, chunk)
