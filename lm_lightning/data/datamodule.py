@@ -43,8 +43,9 @@ class CausalLMDataModule(L.LightningDataModule):
     next-token targets.
 
     Args:
-        tokenizer: Hub name or local folder of a fast tokenizer, or a tokenizer object. ``None`` with
-            ``train_tokenizer_vocab_size`` trains a byte-level BPE tokenizer on the train split.
+        tokenizer: Hub name or local folder of a fast tokenizer, or a tokenizer object. Default: the model's
+            own (the ``model_name_or_path`` of the module being trained, or its checkpoint's); from scratch,
+            give one or set ``train_tokenizer_vocab_size``.
         dataset_name: Hub dataset name, e.g. ``wikitext``.
         dataset_config_name: Hub dataset config, e.g. ``wikitext-2-raw-v1``.
         data_files: Local file(s): a path or glob (the train split), or a mapping split name -> path.
@@ -76,7 +77,7 @@ class CausalLMDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: str | PreTrainedTokenizerBase | None = "gpt2",
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
         dataset_name: str | None = None,
         dataset_config_name: str | None = None,
         data_files: str | dict[str, str] | None = None,
@@ -107,9 +108,9 @@ class CausalLMDataModule(L.LightningDataModule):
                 "--data.data_files (local files), --data.corpus (built-in: python-docs) or dataset= (an "
                 "in-memory DatasetDict, from Python)."
             )
-        if (tokenizer is None) == (train_tokenizer_vocab_size is None):
+        if tokenizer is not None and train_tokenizer_vocab_size is not None:
             raise ValueError(
-                "Set exactly one of tokenizer (a name or path, e.g. 'gpt2') and train_tokenizer_vocab_size "
+                "Set at most one of tokenizer (a name or path, e.g. 'gpt2') and train_tokenizer_vocab_size "
                 f"(train a BPE tokenizer on the data); got tokenizer={tokenizer!r}, "
                 f"train_tokenizer_vocab_size={train_tokenizer_vocab_size!r}."
             )
@@ -192,9 +193,32 @@ class CausalLMDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if self.train_tokenizer_vocab_size is not None:
                 self._tokenizer = self._trained_tokenizer(self.load_raw())
-            else:
+            elif self.tokenizer_spec is not None:
                 self._tokenizer = load_tokenizer(self.tokenizer_spec)
+            else:
+                self._tokenizer = self._model_tokenizer()
         return self._tokenizer
+
+    def _model_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer of the model being trained: its own object, else that of its pretrained folder."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if getattr(module, "tokenizer", None) is not None:
+            return load_tokenizer(module.tokenizer)
+        name = getattr(module, "hparams", {}).get("model_name_or_path")
+        if name is None:
+            raise RunError(
+                "No tokenizer: the model is trained from scratch, so it has none of its own. Set "
+                "--data.tokenizer (a hub name or folder) or --data.train_tokenizer_vocab_size N (train a BPE "
+                "tokenizer on the data), or set --model.model_name_or_path to fine-tune a pretrained model."
+            )
+        self._tokenizer_path = name
+        return load_tokenizer(name)
+
+    def use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Tokenize with ``tokenizer`` (a checkpoint's own), whatever the settings said."""
+        self.tokenizer_spec = self._tokenizer = load_tokenizer(tokenizer)
+        self.train_tokenizer_vocab_size = None
+        self.cache_path = None
 
     @property
     def tokenizer_path(self) -> str | None:
