@@ -36,6 +36,7 @@ from lm_lightning.model.checkpointing import (
 )
 from lm_lightning.model.faults import NonFiniteLossError
 from lm_lightning.model.interrupts import CheckpointOnInterrupt
+from lm_lightning.model.lora import check_qlora
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
 from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
 
@@ -183,6 +184,9 @@ class CausalLMCLI(LightningCLI):
             self.model.use_checkpoint(config.ckpt_path)
             if self.model.tokenizer is not None:
                 self.datamodule.use_tokenizer(self.model.tokenizer)
+        check_qlora(
+            self.model.lora, self.trainer.strategy.root_device.type, not self.model.hparams.model_name_or_path
+        )
         tokenizer = self.datamodule.tokenizer
         model_config = self.model.build_config(tokenizer)
         predicting = self.subcommand == "predict"  # prompts are not cut into blocks

@@ -241,8 +241,10 @@ class CausalLMModule(L.LightningModule):
         """The wrapped model's forward pass."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def _nll(self, batch: dict[str, Tensor], router_aux_loss: bool = False) -> Any:
-        nll, n_tokens, aux = causal_lm_loss(
+    def _nll(
+        self, batch: dict[str, Tensor], router_aux_loss: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        return causal_lm_loss(
             self.model,
             batch["input_ids"],
             labels=batch.get("labels"),
@@ -250,7 +252,6 @@ class CausalLMModule(L.LightningModule):
             chunk_size=self.hparams.loss_chunk_size,
             router_aux_loss=router_aux_loss,
         )
-        return (nll, n_tokens, aux) if router_aux_loss else (nll, n_tokens)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Mean next-token loss of the batch."""
@@ -330,11 +331,11 @@ class CausalLMModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Accumulate the batch's token NLL for the epoch's perplexity."""
         self._batch_shape = tuple(batch["input_ids"].shape)
-        self.val_nll.update(*self._nll(batch))
+        self.val_nll.update(*self._nll(batch)[:2])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Accumulate the batch's token NLL for the test perplexity."""
-        self.test_nll.update(*self._nll(batch))
+        self.test_nll.update(*self._nll(batch)[:2])
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:
         """Continuations of a batch of prompts, one record per decoding and returned sequence."""
