@@ -19,7 +19,7 @@ from lm_lightning import (
     export_checkpoint,
 )
 from lm_lightning.errors import RunError
-from lm_lightning.model.lora import LoraSettings, apply_lora, default_target_modules
+from lm_lightning.model.lora import LoraSettings, apply_lora, default_target_modules, merged_model
 from lm_lightning.model.loss import causal_lm_nll
 from lm_lightning.model.optim import parameter_groups
 
@@ -113,6 +113,11 @@ def test_lora_trains_adapters_only_saves_them_alone_resumes_exactly_and_exports(
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
         assert torch.equal(reloaded.eval()(input_ids=ids).logits, adapted)
+        # Under QLoRA the adapters are merged into the base loaded again in full precision (a CPU stand-in
+        # here: the flag alone picks that path).
+        qlora = LoraSettings(**{**LORA, "load_in_4bit": True})
+        remerged = merged_model(straight.model, qlora, base_folder).eval()
+        torch.testing.assert_close(remerged(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
 
 
 def test_lora_chunked_loss_gradients_and_generation_go_through_the_adapters(tmp_path, base_folder, doc_texts):

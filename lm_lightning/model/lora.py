@@ -159,11 +159,23 @@ def config_fingerprint(config: PretrainedConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def merged_model(model: nn.Module) -> PreTrainedModel:
+def merged_model(
+    model: nn.Module, settings: LoraSettings | None = None, base_name: str | None = None
+) -> PreTrainedModel:
     """A plain Hugging Face model with the adapters folded into its weights; ``model`` is left as it is.
 
-    ``merge_and_unload`` changes the model it is called on, so it runs on a copy.
+    ``merge_and_unload`` changes the model it is called on, so it runs on a copy. Under QLoRA the adapters
+    are merged into the base model loaded again in full precision (``base_name``): merged into the 4-bit
+    weights, the sum would be rounded to 4 bits.
     """
+    if settings is not None and settings.load_in_4bit:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        full = dataclasses.replace(settings, load_in_4bit=False)
+        unquantized = apply_lora(AutoModelForCausalLM.from_pretrained(base_name), full)
+        set_peft_model_state_dict(unquantized, get_peft_model_state_dict(model))
+        return unquantized.merge_and_unload()
     return copy.deepcopy(model).merge_and_unload()
 
 

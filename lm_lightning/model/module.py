@@ -388,7 +388,7 @@ class CausalLMModule(L.LightningModule):
                 "adapter_only=true exports LoRA adapters, and this model has none (no --model.lora)."
             )
         if is_peft_model(model) and not adapter_only:
-            model = merged_model(model)
+            model = merged_model(model, self.lora, self.hparams.model_name_or_path)
         return save_hf_folder(model, self._find_tokenizer(), output_dir, overwrite)
 
     def on_fit_end(self) -> None:
