@@ -202,6 +202,12 @@ class CausalLMDataModule(L.LightningDataModule):
     def _model_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer of the model being trained: its own object, else that of its pretrained folder."""
         module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:
+            raise RunError(
+                "No tokenizer: tokenizer=None takes the tokenizer of the model being trained, and this data "
+                "module is used outside a Trainer. Pass tokenizer= (a hub name, folder or tokenizer) or "
+                "train_tokenizer_vocab_size=."
+            )
         if getattr(module, "tokenizer", None) is not None:
             return load_tokenizer(module.tokenizer)
         name = getattr(module, "hparams", {}).get("model_name_or_path")
