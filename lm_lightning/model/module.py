@@ -146,9 +146,8 @@ class CausalLMModule(L.LightningModule):
                 "--model.model_name_or_path, or drop --model.lora to train all weights."
             )
         self.save_hyperparameters(ignore=["lora"])
-        self.hparams["lora"] = (
-            dataclasses.asdict(self.lora) if self.lora else None
-        )  # plain data in checkpoints
+        # Plain data in checkpoints, which weights_only loading accepts.
+        self.hparams["lora"] = dataclasses.asdict(self.lora) if self.lora else None
         self.model: PreTrainedModel | None = None
         self._checkpoint_config: PretrainedConfig | None = None  # a checkpoint's own, once known
         self.tokenizer: PreTrainedTokenizerBase | None = None
