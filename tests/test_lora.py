@@ -119,6 +119,13 @@ def test_lora_trains_adapters_only_saves_them_alone_resumes_exactly_and_exports(
         remerged = merged_model(straight.model, qlora, base_folder).eval()
         torch.testing.assert_close(remerged(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
 
+    # Adapters put on another base (same shapes, another config) are refused, not silently misapplied.
+    other = AutoModelForCausalLM.from_pretrained(base_folder)
+    other.config.layer_norm_epsilon = 1e-3
+    other.save_pretrained(base_folder)
+    with pytest.raises(RunError, match="another base model"):
+        CausalLMModule.load_from_checkpoint(four, weights_only=True)
+
 
 def test_lora_chunked_loss_gradients_and_generation_go_through_the_adapters(tmp_path, base_folder, doc_texts):
     torch.manual_seed(0)
