@@ -124,3 +124,28 @@ def test_training_from_scratch_without_a_tokenizer_says_how_to_get_one(tmp_path,
     assert exit_info.value.code == 2
     assert "No tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "family", ["gpt2", "llama", "qwen3", "mistral", "gpt_neox", "opt", "phi3", "gemma2", "mixtral"]
+)
+def test_every_family_is_rebuilt_from_its_checkpoint_alone(family, tmp_path, bpe_tokenizer):
+    import io
+
+    from test_families import tiny_config
+
+    from lm_lightning.model.portable import add_portable_parts, model_from_checkpoint, portable_parts
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    checkpoint = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    add_portable_parts(checkpoint, model.config, bpe_tokenizer)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)  # plain data and tensors only
+    config, tokenizer = portable_parts(loaded)
+    rebuilt = model_from_checkpoint(config, loaded).eval()
+    ids = torch.tensor([tokenizer("def f(x): return x").input_ids])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(input_ids=ids).logits, model(input_ids=ids).logits)
