@@ -18,7 +18,8 @@ from lm_lightning.generation.decoding import (
 )
 from lm_lightning.generation.writer import JSONLPredictionWriter
 from lm_lightning.model.flops import LMThroughputMonitor, training_flops_per_batch
-from lm_lightning.model.loss import TokenNLL, causal_lm_nll
+from lm_lightning.model.lora import LoraSettings
+from lm_lightning.model.loss import TokenNLL, causal_lm_loss, causal_lm_nll
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
 from lm_lightning.model.parallel import transformer_block_policy
 from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
@@ -37,12 +38,14 @@ __all__ = [
     "GeneratedText",
     "JSONLPredictionWriter",
     "LMThroughputMonitor",
+    "LoraSettings",
     "StreamingBlocks",
     "TextGenerationCallback",
     "TokenNLL",
     "TokensPerSecondProgressBar",
     "ValidationSummary",
     "builtin_corpus",
+    "causal_lm_loss",
     "causal_lm_nll",
     "cli_main",
     "export_checkpoint",

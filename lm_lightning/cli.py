@@ -36,6 +36,7 @@ from lm_lightning.model.checkpointing import (
 )
 from lm_lightning.model.faults import NonFiniteLossError
 from lm_lightning.model.interrupts import CheckpointOnInterrupt
+from lm_lightning.model.lora import check_qlora
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
 from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
 
@@ -48,7 +49,7 @@ def default_precision() -> str:
 
 
 # Module arguments that decide the shape of the weights: a checkpoint's values win over the config's.
-WEIGHT_DEFINING_KEYS = ("model_name_or_path", "config_name", "model_config", "tokenizer")
+WEIGHT_DEFINING_KEYS = ("model_name_or_path", "config_name", "model_config", "tokenizer", "lora")
 
 
 class CausalLMCLI(LightningCLI):
@@ -85,6 +86,12 @@ class CausalLMCLI(LightningCLI):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        data, model = config.data, config.model
+        if data.tokenizer is None and data.train_tokenizer_vocab_size is None and model.model_name_or_path:
+            # The model's own tokenizer; both halves get it (the link ran at parse time).
+            data.tokenizer = model.tokenizer = model.tokenizer or model.model_name_or_path
         # With --ckpt_path, Lightning 2.6 replaces the whole model section by the checkpoint's
         # hyperparameters, silently dropping command-line settings such as --model.predict_decodings. Only
         # what defines the weights comes from the checkpoint; everything else is what the user gave.
@@ -169,9 +176,17 @@ class CausalLMCLI(LightningCLI):
         config = self._config()
         check_precision(config.trainer.precision, self.trainer.accelerator)
         if self.subcommand == "test":
-            self.datamodule.check_split("test")
+            self.datamodule.source.check_split("test")
         if self.subcommand != "fit":
             check_trained(self.subcommand, config.ckpt_path, self.model.hparams.model_name_or_path)
+        if config.get("ckpt_path"):
+            # The checkpoint's own config and tokenizer: no hub, tokenizer folder or base weights needed.
+            self.model.use_checkpoint(config.ckpt_path)
+            if self.model.tokenizer is not None:
+                self.datamodule.use_tokenizer(self.model.tokenizer)
+        check_qlora(
+            self.model.lora, self.trainer.strategy.root_device.type, not self.model.hparams.model_name_or_path
+        )
         tokenizer = self.datamodule.tokenizer
         model_config = self.model.build_config(tokenizer)
         predicting = self.subcommand == "predict"  # prompts are not cut into blocks

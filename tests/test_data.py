@@ -280,7 +280,7 @@ def test_missing_empty_and_non_utf8_files(tmp_path, bpe_tokenizer_path):
         ({"block_size": 1}, "block_size=1 is too small"),
         ({"dataset_name": "wikitext"}, "exactly one data source"),
         ({"corpus": "shakespeare", "data_files": None}, "corpus='shakespeare' is unknown"),
-        ({"train_tokenizer_vocab_size": 100}, "exactly one of tokenizer"),
+        ({"train_tokenizer_vocab_size": 100}, "at most one of tokenizer"),
         ({"validation_split_percentage": 0}, "validation_split_percentage=0"),
     ],
 )

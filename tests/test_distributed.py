@@ -83,3 +83,35 @@ def test_ddp_fit_then_one_process_loads_and_validation_is_exact(tmp_path, bpe_to
     print(f"val/perplexity: 1 process {one!r}, 2 processes {two!r}")
     assert one == pytest.approx(two, rel=1e-5)
     assert 1 < one < 1000  # finite; near the vocabulary size (512) after 8 steps at the default lr
+
+
+@pytest.mark.slow
+def test_ddp_trains_lora_adapters_through_the_chunked_loss(tmp_path, bpe_tokenizer, doc_texts):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    eos = bpe_tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=512, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=eos,
+                        eos_token_id=eos)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    bpe_tokenizer.save_pretrained(tmp_path / "base")
+    yaml_path = _config(tmp_path, bpe_tokenizer.name_or_path, doc_texts)
+    settings = yaml.safe_load(yaml_path.read_text())
+    settings["model"] = {
+        "model_name_or_path": str(tmp_path / "base"),
+        "lora": {"r": 4},
+        "learning_rate": 1e-2,
+    }
+    del settings["data"]["tokenizer"]  # the model's own
+    yaml_path.write_text(yaml.safe_dump(settings))
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "3"]
+    _run(tmp_path, "fit", "--config", str(yaml_path), *ddp, "--trainer.limit_val_batches", "0")
+    last = tmp_path / "runs" / "ddp" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert state and all("lora_" in k for k in state)  # the adapters alone
+    assert all(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # B left zero: they trained
+    module = CausalLMModule.load_from_checkpoint(last, map_location="cpu", weights_only=True)
+    assert torch.equal(
+        module.model.state_dict()[next(iter(state))[len("model.") :]], next(iter(state.values()))
+    )

@@ -123,7 +123,7 @@ def split_nll(module, loader):
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in loader:
-            nll, n = module._nll(batch)
+            nll, n, _ = module._nll(batch)
             total, count = total + nll.item(), count + int(n)
     return total, count
 

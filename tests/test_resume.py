@@ -189,11 +189,11 @@ class PoisonedModule(CausalLMModule):
 
     poison: tuple[int, ...] = ()
 
-    def _nll(self, batch):
-        nll, n = super()._nll(batch)
+    def _nll(self, batch, router_aux_loss=False):
+        nll, n, aux = super()._nll(batch, router_aux_loss)
         if self.training and self.trainer.global_step in self.poison:
             nll = nll * math.nan
-        return nll, n
+        return nll, n, aux
 
 
 def _poison_fit(tmp_path, tokenizer_path, texts, action, poison, callbacks=()):

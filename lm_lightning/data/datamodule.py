@@ -14,8 +14,15 @@ from transformers import PreTrainedTokenizerBase
 from lm_lightning.data import examples, formats
 from lm_lightning.data.formats import DataFormat
 from lm_lightning.data.loaders import map_style_loader
-from lm_lightning.data.packing import CACHE_FORMAT_VERSION, is_cached, read_block_cache, write_block_cache
+from lm_lightning.data.packing import (
+    CACHE_FORMAT_VERSION,
+    default_cache_root,
+    is_cached,
+    read_block_cache,
+    write_block_cache,
+)
 from lm_lightning.data.prompts import ChatPromptBatch, read_prompts, render_chat_prompts
+from lm_lightning.data.settings import check_data_settings
 from lm_lightning.data.sources import TextSource, fingerprint, hold_out_validation
 from lm_lightning.data.streaming import StreamingBlocks, stateful_loader
 from lm_lightning.data.strided import StridedWindows, blocks_to_stream
@@ -46,8 +53,9 @@ class CausalLMDataModule(L.LightningDataModule):
     next-token targets.
 
     Args:
-        tokenizer: Hub name or local folder of a fast tokenizer, or a tokenizer object. ``None`` with
-            ``train_tokenizer_vocab_size`` trains a byte-level BPE tokenizer on the train split.
+        tokenizer: Hub name or local folder of a fast tokenizer, or a tokenizer object. Default: the model's
+            own (the ``model_name_or_path`` of the module being trained, or its checkpoint's); from scratch,
+            give one or set ``train_tokenizer_vocab_size``.
         dataset_name: Hub dataset name, e.g. ``wikitext``.
         dataset_config_name: Hub dataset config, e.g. ``wikitext-2-raw-v1``.
         data_files: Local file(s): a path or glob (the train split), or a mapping split name -> path.
@@ -87,7 +95,7 @@ class CausalLMDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: str | PreTrainedTokenizerBase | None = "gpt2",
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
         dataset_name: str | None = None,
         dataset_config_name: str | None = None,
         data_files: str | dict[str, str] | None = None,
@@ -127,33 +135,17 @@ class CausalLMDataModule(L.LightningDataModule):
                 "--data.data_files (local files), --data.corpus (built-in: python-docs) or dataset= (an "
                 "in-memory DatasetDict, from Python)."
             )
-        if (tokenizer is None) == (train_tokenizer_vocab_size is None):
-            raise ValueError(
-                "Set exactly one of tokenizer (a name or path, e.g. 'gpt2') and train_tokenizer_vocab_size "
-                f"(train a BPE tokenizer on the data); got tokenizer={tokenizer!r}, "
-                f"train_tokenizer_vocab_size={train_tokenizer_vocab_size!r}."
-            )
-        if block_size is not None and block_size < 2:
-            raise ValueError(f"block_size={block_size} is too small: a block needs at least 2 tokens.")
-        if not 0 < validation_split_percentage < 100:
-            raise ValueError(
-                f"validation_split_percentage={validation_split_percentage} must be in (0, 100)."
-            )
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be at least 1.")
-        if prompts is not None and (
-            isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p for p in prompts)
-        ):
-            raise ValueError(f"prompts={prompts!r} is invalid: give a list of non-empty strings.")
-        if prompts is not None and prompts_file is not None:
-            raise ValueError("Set prompts or prompts_file, not both.")
-        if streaming and (dataset is not None or corpus is not None or train_tokenizer_vocab_size):
-            raise ValueError(
-                "streaming=True reads a hub dataset (--data.dataset_name) or local files (--data.data_files) "
-                "with a given tokenizer; in-memory datasets, built-in corpora and a tokenizer trained on the "
-                "train split need the whole split: set --data.streaming false."
-            )
+        check_data_settings(
+            tokenizer=tokenizer,
+            train_tokenizer_vocab_size=train_tokenizer_vocab_size,
+            block_size=block_size,
+            validation_split_percentage=validation_split_percentage,
+            batch_sizes={"batch_size": batch_size, "eval_batch_size": eval_batch_size},
+            prompts=prompts,
+            prompts_file=prompts_file,
+            streaming=streaming,
+            in_memory_or_builtin=dataset is not None or corpus is not None,
+        )
         # The tokenizer is the model's hyperparameter (the CLI links it there, the module records the one it
         # takes from here): saved twice, Lightning refuses to log the two when the module's was left unset.
         self.save_hyperparameters(ignore=["dataset", "tokenizer"])
@@ -169,7 +161,7 @@ class CausalLMDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.num_proc = num_proc or 1
         self.map_batch_size = map_batch_size
-        self.cache_root = Path(cache_dir) if cache_dir else _default_cache_root()
+        self.cache_root = Path(cache_dir) if cache_dir else default_cache_root()
         self.seed = seed
         self.has_source = self.source.given
         # Read now: a missing or empty prompts file fails before any model is loaded.
@@ -223,9 +215,38 @@ class CausalLMDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if self.train_tokenizer_vocab_size is not None:
                 self._tokenizer = self._trained_tokenizer(self.load_raw())
-            else:
+            elif self.tokenizer_spec is not None:
                 self._tokenizer = load_tokenizer(self.tokenizer_spec)
+            else:
+                self._tokenizer = self._model_tokenizer()
         return self._tokenizer
+
+    def _model_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer of the model being trained: its own object, else that of its pretrained folder."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:
+            raise RunError(
+                "No tokenizer: tokenizer=None takes the tokenizer of the model being trained, and this data "
+                "module is used outside a Trainer. Pass tokenizer= (a hub name, folder or tokenizer) or "
+                "train_tokenizer_vocab_size=."
+            )
+        if getattr(module, "tokenizer", None) is not None:
+            return load_tokenizer(module.tokenizer)
+        name = getattr(module, "hparams", {}).get("model_name_or_path")
+        if name is None:
+            raise RunError(
+                "No tokenizer: the model is trained from scratch, so it has none of its own. Set "
+                "--data.tokenizer (a hub name or folder) or --data.train_tokenizer_vocab_size N (train a BPE "
+                "tokenizer on the data), or set --model.model_name_or_path to fine-tune a pretrained model."
+            )
+        self._tokenizer_path = name
+        return load_tokenizer(name)
+
+    def use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Tokenize with ``tokenizer`` (a checkpoint's own), whatever the settings said."""
+        self.tokenizer_spec = self._tokenizer = load_tokenizer(tokenizer)
+        self.train_tokenizer_vocab_size = None
+        self.cache_path = None
 
     @property
     def tokenizer_path(self) -> str | None:
@@ -339,15 +360,6 @@ class CausalLMDataModule(L.LightningDataModule):
         trainer = self.trainer
         return bool(trainer is not None and trainer.strategy.root_device.type == "cuda")
 
-    def check_split(self, split: str) -> None:
-        """Raise when the source has no ``split`` (checked from its description: nothing is loaded)."""
-        names = self.source.split_names()
-        if names is not None and split not in names and not (split == "validation" and "train" in names):
-            raise RunError(
-                f"The data source has no {split!r} split (its splits are {names}): give one, e.g. "
-                f"--data.data_files.{split} FILE, or evaluate another split (validate uses 'validation')."
-            )
-
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split == "train" and self.streaming:
             return self._streaming_loader()
@@ -434,9 +446,3 @@ class CausalLMDataModule(L.LightningDataModule):
             prompts, stop_token_ids = render_chat_prompts(self.tokenizer, self.prompts, template)
             collate_fn = ChatPromptBatch(stop_token_ids)
         return DataLoader(prompts, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_fn)
-
-
-def _default_cache_root() -> Path:
-    from datasets import config
-
-    return Path(config.HF_DATASETS_CACHE) / "lm_lightning"

@@ -142,3 +142,10 @@ def write_manifest(tmp: Path, block_size: int, data_format: str, splits: dict) -
     """The cache's manifest: written last, its presence marks the cache complete."""
     manifest = {"block_size": block_size, "format": data_format, "splits": splits}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def default_cache_root() -> Path:
+    """Where packed blocks and trained tokenizers are cached: ``$HF_DATASETS_CACHE/lm_lightning``."""
+    from datasets import config
+
+    return Path(config.HF_DATASETS_CACHE) / "lm_lightning"

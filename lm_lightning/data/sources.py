@@ -91,6 +91,15 @@ class TextSource:
         except Exception:  # offline, or no such dataset: loading it says why
             return None
 
+    def check_split(self, split: str) -> None:
+        """Raise when the source has no ``split`` (checked from its description: nothing is loaded)."""
+        names = self.split_names()
+        if names is not None and split not in names and not (split == "validation" and "train" in names):
+            raise ValueError(
+                f"The data source has no {split!r} split (its splits are {names}): give one, e.g. "
+                f"--data.data_files.{split} FILE, or evaluate another split (validate uses 'validation')."
+            )
+
     def stream_train(self) -> IterableDataset:
         """The train split as a ``datasets.IterableDataset``: read lazily, one shard (file) at a time."""
         if self.data_files is None:

@@ -121,3 +121,43 @@ def find_tokenizer(pl_module: Any, trainer: Any = None) -> PreTrainedTokenizerBa
     if tokenizer is None and trainer is not None:
         tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
     return tokenizer
+
+
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def tokenizer_to_data(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """A fast tokenizer as plain data (strings, numbers, lists, dicts), to travel inside a checkpoint.
+
+    Plain data, not files: ``torch.load(weights_only=True)`` accepts it, and no folder needs to exist where
+    the checkpoint is loaded. :func:`tokenizer_from_data` rebuilds it with the same ids.
+    """
+    return {
+        "format": 1,
+        "tokenizer_json": tokenizer.backend_tokenizer.to_str(),  # vocab, merges, added tokens, processors
+        "special_tokens": {k: str(getattr(tokenizer, k)) for k in _SPECIAL_TOKENS if getattr(tokenizer, k)},
+        "extra_special_tokens": [str(t) for t in getattr(tokenizer, "extra_special_tokens", None) or []],
+        "chat_template": tokenizer.chat_template,
+        "model_max_length": int(min(tokenizer.model_max_length, 2**62)),
+        "padding_side": tokenizer.padding_side,
+        "truncation_side": tokenizer.truncation_side,
+        "clean_up_tokenization_spaces": bool(tokenizer.clean_up_tokenization_spaces),
+    }
+
+
+def tokenizer_from_data(data: dict[str, Any]) -> PreTrainedTokenizerFast:
+    """The tokenizer that :func:`tokenizer_to_data` described."""
+    from tokenizers import Tokenizer
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(data["tokenizer_json"]),
+        **data["special_tokens"],
+        model_max_length=data["model_max_length"],
+        padding_side=data["padding_side"],
+        truncation_side=data["truncation_side"],
+        clean_up_tokenization_spaces=data["clean_up_tokenization_spaces"],
+        chat_template=data["chat_template"],
+    )
+    if data["extra_special_tokens"]:
+        tokenizer.add_special_tokens({"additional_special_tokens": data["extra_special_tokens"]})
+    return load_tokenizer(tokenizer)

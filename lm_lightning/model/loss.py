@@ -13,17 +13,53 @@ from transformers import PreTrainedModel
 
 IGNORE_INDEX = -100
 
-# Model types whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``:
-# no logit scaling or soft-capping after the head, so the chunked path gives the same numbers.
-_CHUNKABLE_MODEL_TYPES = frozenset(
-    {"gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3"}
+# Model types whose logits are ``transform(get_output_embeddings()(base_model(...)[0]))``, with ``transform``
+# the family's own elementwise head transform (below): the chunked path gives the same numbers for these.
+# Checked against each family's own logits, values and gradients (tests/test_families.py). Other types fall
+# back to the model's full logits: slower, never a wrong number.
+_PLAIN_HEAD_TYPES = frozenset(
+    {"gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "opt"}
+    | {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}  # mixture of experts: the router is inside base_model
 )
+_TRANSFORMED_HEAD_TYPES = frozenset({"gemma2", "cohere", "granite"})
+
+
+def head_transform(config: Any) -> dict[str, float] | None:
+    """What the family's ``ForCausalLM.forward`` does to ``lm_head(hidden)``: ``{}`` for nothing, keys
+    ``mul`` (Cohere's ``logit_scale``), ``div`` (Granite's ``logits_scaling``) and ``softcap``
+    (``cap * tanh(logits / cap)``, Gemma-2's ``final_logit_softcapping``); ``None`` when not known."""
+    model_type = config.model_type
+    if model_type in _PLAIN_HEAD_TYPES:
+        return {}
+    if model_type not in _TRANSFORMED_HEAD_TYPES:
+        return None
+    transform: dict[str, float] = {}
+    if model_type == "cohere":
+        transform["mul"] = float(config.logit_scale)
+    if model_type == "granite":
+        transform["div"] = float(config.logits_scaling)
+    if getattr(config, "final_logit_softcapping", None):
+        transform["softcap"] = float(config.final_logit_softcapping)
+    return transform
+
+
+def unwrap_model(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face model inside a ``peft`` ``PeftModel`` (whose ``base_model`` returns logits)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 def supports_chunked_loss(model: PreTrainedModel) -> bool:
     """Whether ``causal_lm_nll`` can compute this model's loss without materialising all logits."""
+    model = unwrap_model(model)
     head = model.get_output_embeddings()
-    return model.config.model_type in _CHUNKABLE_MODEL_TYPES and isinstance(head, nn.Linear)
+    return head_transform(model.config) is not None and isinstance(head, nn.Linear)
+
+
+def has_router_aux_loss(model: nn.Module) -> bool:
+    """Whether the model is a mixture of experts with a load-balancing loss (Mixtral, Qwen-MoE, OLMoE...)."""
+    config = unwrap_model(model).config
+    return hasattr(config, "router_aux_loss_coef") and hasattr(config, "output_router_logits")
 
 
 def causal_lm_nll(
@@ -40,13 +76,30 @@ def causal_lm_nll(
     ``T`` tokens therefore has ``T - 1`` targets. With ``chunk_size``, the vocabulary projection and
     the loss run over ``chunk_size`` positions at a time in float32, so the full ``(B, T, V)`` float32
     logits (the usual evaluation OOM, transformers #15466) never exist at once, in evaluation or, since
-    the gradients are computed chunk by chunk too, in training.
+    the gradients are computed chunk by chunk too, in training. ``model`` may be a ``peft`` ``PeftModel``.
 
     ``position_ids`` that restart at 0 mark packed examples (with ``attention_mask=None``): transformers then
     keeps attention inside each (a block-diagonal mask for eager and sdpa). ``flash_attention_2`` finds them
     only in a batch of one row, so for it the rows are joined into one (exact: each row's first label is
     -100, and its padding continues its last example).
     """
+    nll, n_targets, _ = causal_lm_loss(
+        model, input_ids, labels, attention_mask, chunk_size, position_ids=position_ids
+    )
+    return nll, n_targets
+
+
+def causal_lm_loss(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    labels: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    chunk_size: int | None = 128,
+    router_aux_loss: bool = False,
+    position_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``causal_lm_nll``'s two values and, with ``router_aux_loss`` on a mixture of experts, the model's own
+    load-balancing loss (``aux_loss`` of its forward with ``output_router_logits``; else ``None``)."""
     if labels is None:
         labels = input_ids
     if position_ids is not None and "flash" in str(getattr(model.config, "_attn_implementation", "")):
@@ -55,26 +108,53 @@ def causal_lm_nll(
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
     n_targets = (targets != IGNORE_INDEX).sum()
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if router_aux_loss and has_router_aux_loss(model):
+        kwargs["output_router_logits"] = True
 
     if chunk_size is None or not supports_chunked_loss(model):
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits
-        logits = logits[:, :-1].float()  # (B, T-1, V)
+        out = model(**kwargs)
+        logits = out.logits[:, :-1].float()  # (B, T-1, V)
         nll = F.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return nll, n_targets
+        return nll, n_targets, getattr(out, "aux_loss", None)
 
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )[0]
+    hf_model = unwrap_model(model)  # LoRA layers sit inside it: its base_model runs through them
+    aux = None
+    if "output_router_logits" in kwargs:
+        # The model's own forward computes its family's load-balancing loss; the head runs on one position
+        # only, and the final hidden states are caught on the way (OPT-style models call base_model.decoder).
+        caught: list[Tensor] = []
+
+        def catch(module: nn.Module, args: Any, out: Any) -> None:  # None: the output goes on unchanged
+            caught.append(out[0])
+
+        inner = [
+            m for m in (hf_model.base_model, getattr(hf_model.base_model, "decoder", None)) if m is not None
+        ]
+        hooks = [m.register_forward_hook(catch) for m in inner]
+        try:
+            aux = model(**kwargs, logits_to_keep=1).aux_loss
+        finally:
+            for hook in hooks:
+                hook.remove()
+        hidden = caught[0]  # the innermost: OPT's decoder runs within its base_model
+    else:
+        hidden = hf_model.base_model(**kwargs)[0]
     hidden = hidden[:, :-1]  # (B, T-1, C): the positions that have a target
-    head = model.get_output_embeddings()
+    head = hf_model.get_output_embeddings()
     nll = _LinearCrossEntropy.apply(
-        hidden.flatten(0, 1), head.weight, head.bias, targets.flatten(), hidden.size(0) * chunk_size
+        hidden.flatten(0, 1),
+        head.weight,
+        head.bias,
+        targets.flatten(),
+        hidden.size(0) * chunk_size,
+        head_transform(hf_model.config),
     )
-    return nll, n_targets
+    return nll, n_targets, aux
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -89,7 +169,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        chunk_rows: int,
+        transform: dict[str, float] | None = None,
     ) -> Tensor:
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -99,15 +185,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, t = hidden[rows], targets[rows]  # (n, C), (n,)
-            logits = F.linear(h, weight, bias).float()  # (n, V)
+            logits = _apply_head_transform(F.linear(h, weight, bias).float(), transform or {})  # (n, V)
             valid = t != IGNORE_INDEX
             t = torch.where(valid, t, 0)
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
             if need_hidden or need_weight or need_bias:
+                transform = transform or {}
+                # tanh' = 1 - tanh^2, read before the logits are overwritten (soft-capped heads only).
+                capped = 1 - (logits / transform["softcap"]) ** 2 if "softcap" in transform else None
                 grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
                 grad_logits.scatter_add_(1, t[:, None], -valid[:, None].to(grad_logits.dtype))
-                grad_logits = grad_logits.mul_(valid[:, None]).to(h.dtype)
+                grad_logits = _chain_head_transform(grad_logits.mul_(valid[:, None]), capped, transform)
+                grad_logits = grad_logits.to(h.dtype)
                 if need_hidden:
                     grad_hidden[rows] = grad_logits @ weight
                 if need_weight:
@@ -122,7 +212,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, ...]:
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) * grad_total if needed else None for needed in ctx.needs]
-        return (*grads, None, None)
+        return (*grads, None, None, None)
+
+
+def _apply_head_transform(logits: Tensor, transform: dict[str, float]) -> Tensor:
+    if "mul" in transform:
+        logits = logits * transform["mul"]
+    if "div" in transform:
+        logits = logits / transform["div"]
+    if "softcap" in transform:
+        logits = torch.tanh(logits / transform["softcap"]) * transform["softcap"]
+    return logits
+
+
+def _chain_head_transform(grad: Tensor, capped: Tensor | None, transform: dict[str, float]) -> Tensor:
+    """The gradient with respect to the head's output, from that with respect to the transformed logits."""
+    if capped is not None:
+        grad = grad.mul_(capped)
+    if "mul" in transform:
+        grad = grad.mul_(transform["mul"])
+    if "div" in transform:
+        grad = grad.div_(transform["div"])
+    return grad
 
 
 class TokenNLL(Metric):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 from pathlib import Path
@@ -11,24 +12,38 @@ import lightning as L
 import torch
 from torch import Tensor
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from lm_lightning.data.tokenizer import find_tokenizer, load_tokenizer
-from lm_lightning.errors import check_compatible
+from lm_lightning.errors import RunError, check_compatible
 from lm_lightning.generation.decoding import DecodingConfig, generate_texts, resolve_decodings
+from lm_lightning.model.build import DTYPES, build_model, model_config, model_kwargs, prepare_model
 from lm_lightning.model.checkpointing import RNG_KEY, check_checkpoint, collect_rng_states, set_rng_states
 from lm_lightning.model.export import check_export_dir, save_hf_folder
 from lm_lightning.model.faults import NonFiniteAction, nonfinite_loss
 from lm_lightning.model.flops import matmul_params, training_flops_per_batch
-from lm_lightning.model.loss import TokenNLL, causal_lm_nll
+from lm_lightning.model.lora import (
+    LoraSettings,
+    drop_frozen,
+    is_peft_model,
+    lora_settings,
+    merged_model,
+    restore_frozen,
+)
+from lm_lightning.model.loss import TokenNLL, causal_lm_loss, unwrap_model
 from lm_lightning.model.optim import SCHEDULERS, SchedulerName, adamw, lr_schedule, parameter_groups
+from lm_lightning.model.portable import (
+    add_portable_parts,
+    model_from_checkpoint,
+    portable_parts,
+    read_portable_parts,
+)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Set while ``load_from_checkpoint`` runs: the model is then built in ``on_load_checkpoint``.
+_LOADING_CHECKPOINT = contextvars.ContextVar("lm_lightning_loading_checkpoint", default=False)
 
 
 class CausalLMModule(L.LightningModule):
@@ -41,7 +56,9 @@ class CausalLMModule(L.LightningModule):
     ``configure_model``, once the data module's tokenizer is known.
 
     Logged: ``train/loss`` and ``train/lr`` per step; ``val/loss``, ``val/perplexity`` (and
-    ``test/...``) per epoch.
+    ``test/...``) per epoch. A mixture of experts (Mixtral, Qwen-MoE, OLMoE...) also logs ``train/aux_loss``,
+    its router's load-balancing loss: training minimises ``train/loss + router_aux_loss_coef * aux_loss`` (as
+    transformers does); the perplexities are of the next-token loss alone.
     Perplexity is ``exp(sum of token NLL / number of target tokens)`` over the whole split, summed
     across processes: a block of ``T`` tokens has ``T - 1`` targets (each token but the first), and
     labels of ``-100`` or positions with ``attention_mask == 0`` are not targets.
@@ -50,7 +67,8 @@ class CausalLMModule(L.LightningModule):
         model_name_or_path: Hub name or local folder of pretrained weights (e.g. ``gpt2``).
         config_name: Hub name or folder of a config to train from scratch (random weights).
         model_config: Config values to train from scratch, or to override on ``config_name``.
-        tokenizer: Tokenizer name or folder; default: the data module's tokenizer.
+        tokenizer: Tokenizer name or folder; default: the data module's tokenizer (which is the model's own,
+            from ``model_name_or_path``, unless given).
         dtype: Weights dtype (``float32``, ``bfloat16``, ``float16``); use ``trainer.precision`` for
             mixed precision.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (when installed).
@@ -70,6 +88,9 @@ class CausalLMModule(L.LightningModule):
             default ``["greedy"]`` (see ``lm_lightning.generation.decoding.PRESETS``).
         on_nonfinite_loss: On a NaN or infinite training loss, ``raise`` (stop, naming the step and the last
             good checkpoint) or ``skip`` the batch (no weight or optimizer update).
+        lora: Train LoRA adapters on the pretrained model instead of all its weights
+            (``lm_lightning.model.lora.LoraSettings``: ``r``, ``alpha``, ``dropout``, ``target_modules``,
+            ``bias``, ``load_in_4bit``); checkpoints then hold the adapters only.
     """
 
     def __init__(
@@ -93,6 +114,7 @@ class CausalLMModule(L.LightningModule):
         export_dir: str | None = None,
         predict_decodings: list[str | DecodingConfig | dict[str, Any]] | None = None,
         on_nonfinite_loss: NonFiniteAction = "raise",
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         if model_name_or_path is None and config_name is None and model_config is None:
@@ -107,8 +129,8 @@ class CausalLMModule(L.LightningModule):
             )
         if lr_scheduler not in SCHEDULERS:
             raise ValueError(f"lr_scheduler={lr_scheduler!r} is unknown; choose one of {list(SCHEDULERS)}.")
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r} is unknown; choose one of {list(_DTYPES)}.")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is unknown; choose one of {list(DTYPES)}.")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={warmup_ratio} must be in [0, 1).")
         if loss_chunk_size is not None and loss_chunk_size < 1:
@@ -117,8 +139,17 @@ class CausalLMModule(L.LightningModule):
         self.predict_decodings = resolve_decodings(predict_decodings or ["greedy"])
         if on_nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite_loss={on_nonfinite_loss!r} is unknown; choose 'raise' or 'skip'.")
-        self.save_hyperparameters()
+        self.lora = lora_settings(lora)
+        if self.lora is not None and model_name_or_path is None:
+            raise ValueError(
+                "lora is set but the model is trained from scratch: LoRA adapts pretrained weights. Set "
+                "--model.model_name_or_path, or drop --model.lora to train all weights."
+            )
+        self.save_hyperparameters(ignore=["lora"])
+        # Plain data in checkpoints, which weights_only loading accepts.
+        self.hparams["lora"] = dataclasses.asdict(self.lora) if self.lora else None
         self.model: PreTrainedModel | None = None
+        self._checkpoint_config: PretrainedConfig | None = None  # a checkpoint's own, once known
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.val_nll = TokenNLL()
         self.test_nll = TokenNLL()
@@ -143,90 +174,104 @@ class CausalLMModule(L.LightningModule):
 
     def build_config(self, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
         """The model's config, without building the model (cheap: no weights are loaded)."""
-        hp = self.hparams
-        if hp.model_name_or_path:
-            return AutoConfig.from_pretrained(hp.model_name_or_path)
-        overrides = dict(hp.model_config or {})
+        return self._checkpoint_config or model_config(self.hparams, tokenizer)
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> CausalLMModule:  # type: ignore[override]
+        """Lightning's; the model is built from the checkpoint's own config and weights."""
+        token = _LOADING_CHECKPOINT.set(True)
+        try:
+            return super().load_from_checkpoint(*args, **kwargs)
+        finally:
+            _LOADING_CHECKPOINT.reset(token)
+
+    def use_checkpoint(self, path: str | os.PathLike) -> None:
+        """Take the model's config and tokenizer from the checkpoint that the trainer will restore.
+
+        The model is then built from them and the checkpoint's weights when it is restored, without reading
+        the hub, a tokenizer folder or the base weights (``fit``/``validate``/``predict`` ``--ckpt_path``).
+        """
+        config, tokenizer = read_portable_parts(path)
+        self._checkpoint_config = config
         if tokenizer is not None:
-            overrides.setdefault("vocab_size", len(tokenizer))
-            if tokenizer.eos_token_id is not None:
-                overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
-                overrides.setdefault("bos_token_id", tokenizer.bos_token_id or tokenizer.eos_token_id)
-        if hp.config_name:
-            config = AutoConfig.from_pretrained(hp.config_name, **overrides)
-        else:
-            config = AutoConfig.for_model(overrides.pop("model_type", "gpt2"), **overrides)
-        if "vocab_size" not in overrides:
-            raise ValueError(
-                "Training from scratch needs the vocabulary size: give a tokenizer (--data.tokenizer) or "
-                "--model.model_config.vocab_size."
-            )
-        return config
+            self.tokenizer = tokenizer
+
+    def _built_from_checkpoint(self) -> bool:
+        if _LOADING_CHECKPOINT.get():
+            return True
+        # FSDP-style strategies restore after sharding the model: it must exist before then.
+        restores_late = self._trainer is not None and self._trainer.strategy.restore_checkpoint_after_setup
+        return self._checkpoint_config is not None and not restores_late
 
     def configure_model(self) -> None:
-        """Build the Hugging Face model (from pretrained weights or from a config)."""
-        if self.model is not None:
-            return
+        """Build the Hugging Face model (from pretrained weights or from a config), with LoRA adapters if set.
+
+        When a checkpoint is about to be restored, ``on_load_checkpoint`` builds it from the checkpoint.
+        """
+        if self.model is None and not self._built_from_checkpoint():
+            self._set_model(self._build_model())
+
+    def _build_model(self) -> torch.nn.Module:
         tokenizer = self._find_tokenizer()
         config = self.build_config(tokenizer)
-        hp = self.hparams
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        predicting = self._trainer is not None and self._trainer.state.fn == "predict"
+        trainer = self._trainer
+        predicting = trainer is not None and trainer.state.fn == "predict"
         # Prompts are not cut into blocks, so block_size only matters when training or evaluating.
-        check_compatible(config, tokenizer, None if predicting else getattr(datamodule, "block_size", None))
-        kwargs: dict[str, Any] = {}
-        if hp.dtype:
-            kwargs["dtype"] = _DTYPES[hp.dtype]
-        if hp.attn_implementation:
-            kwargs["attn_implementation"] = hp.attn_implementation
-        if hp.model_name_or_path:
-            model = AutoModelForCausalLM.from_pretrained(hp.model_name_or_path, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        block_size = None if predicting else getattr(getattr(trainer, "datamodule", None), "block_size", None)
+        check_compatible(config, tokenizer, block_size)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        from_checkpoint = self._checkpoint_config is not None
+        model = build_model(self.hparams, config, self.lora, device, weights_follow=from_checkpoint)
+        if not self.hparams.model_name_or_path and not from_checkpoint:
             # The resolved config (vocab size from the tokenizer) goes into the checkpoint's hparams.
-            resolved = dict(hp.model_config or {})
-            resolved["vocab_size"] = config.vocab_size
-            for key in ("bos_token_id", "eos_token_id"):
-                resolved.setdefault(key, getattr(config, key))
+            resolved = dict(self.hparams.model_config or {})
+            for key in ("vocab_size", "bos_token_id", "eos_token_id"):
+                resolved[key] = resolved.get(key, getattr(config, key))
             self.hparams["model_config"] = resolved
-        model.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps each module's mode
-        self._n_matmul_params = matmul_params(model)
-        if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hp.compile:
-            model.compile()  # in place: parameter names, and so checkpoints, stay those of the model
-        self.model = model
+        return model
+
+    def _set_model(self, model: torch.nn.Module) -> None:
+        self._n_matmul_params = matmul_params(unwrap_model(model))  # before compile or FSDP wrap it
+        hp = self.hparams
+        self.model = prepare_model(model, hp.gradient_checkpointing, hp.compile)
 
     # ----------------------------------------------------------------------------- steps
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward pass."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def _nll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return causal_lm_nll(
+    def _nll(
+        self, batch: dict[str, Tensor], router_aux_loss: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        return causal_lm_loss(
             self.model,
             batch["input_ids"],
             labels=batch.get("labels"),
             attention_mask=batch.get("attention_mask"),
             chunk_size=self.hparams.loss_chunk_size,
+            router_aux_loss=router_aux_loss,
             position_ids=batch.get("position_ids"),  # packed examples (restarting at 0), else None
         )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Mean next-token loss of the batch."""
         self._batch_shape = tuple(batch["input_ids"].shape)
-        nll, n_tokens = self._nll(batch)
-        loss = nll / n_tokens
-        zero_loss = nonfinite_loss(self, loss, batch_idx, self.hparams.get("on_nonfinite_loss", "raise"))
+        nll, n_tokens, aux = self._nll(batch, router_aux_loss=True)
+        loss = objective = nll / n_tokens
+        if aux is not None:  # a mixture of experts: its load-balancing loss trains too, as in transformers
+            objective = loss + unwrap_model(self.model).config.router_aux_loss_coef * aux
+        zero_loss = nonfinite_loss(self, objective, batch_idx, self.hparams.get("on_nonfinite_loss", "raise"))
         self._skip_optimizer_step = zero_loss is not None
         if zero_loss is not None:
             return zero_loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        if aux is not None:
+            self.log("train/aux_loss", aux, on_step=True, on_epoch=False)
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
             self.log(
                 "train/lr", self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0], on_step=True
             )
-        return loss
+        return objective
 
     @property
     def flops_per_batch(self) -> int | None:
@@ -236,7 +281,9 @@ class CausalLMModule(L.LightningModule):
         """
         if self.model is None or self._batch_shape is None:
             return None
-        flops = training_flops_per_batch(self.model.config, *self._batch_shape, self._n_matmul_params)
+        flops = training_flops_per_batch(
+            unwrap_model(self.model).config, *self._batch_shape, self._n_matmul_params
+        )
         return flops if self.training else flops // 3
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -248,12 +295,29 @@ class CausalLMModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the random state (dropout draws from it) for an exact resume."""
+        """Save the random state (dropout draws from it) for an exact resume, the model's config and tokenizer
+        (the checkpoint travels: see ``lm_lightning.model.portable``); under LoRA, the adapters alone."""
         checkpoint[RNG_KEY] = collect_rng_states()
+        config = unwrap_model(self.model).config
+        add_portable_parts(checkpoint, config, self._find_tokenizer())
+        if is_peft_model(self.model):
+            drop_frozen(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the saved random state until training goes on (see ``on_train_batch_start``)."""
+        """Build the model from the checkpoint when it is not built yet (``configure_model``), and keep the
+        saved random state until training goes on (see ``on_train_batch_start``)."""
         self._rng_states_to_restore = checkpoint.get(RNG_KEY)
+        config, tokenizer = portable_parts(checkpoint)
+        self.tokenizer = tokenizer or self.tokenizer
+        if self.model is None:
+            self._checkpoint_config = config or self._checkpoint_config
+            if self._checkpoint_config is None or self.lora is not None:
+                self._set_model(self._build_model())  # an older checkpoint, or LoRA: from the base model
+            else:
+                kwargs = model_kwargs(self.hparams)
+                self._set_model(model_from_checkpoint(self._checkpoint_config, checkpoint, **kwargs))
+        if is_peft_model(self.model):
+            restore_frozen(self, checkpoint, self.hparams.model_name_or_path)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Restore the checkpoint's random state just before the first step after a resume.
@@ -267,11 +331,11 @@ class CausalLMModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Accumulate the batch's token NLL for the epoch's perplexity."""
         self._batch_shape = tuple(batch["input_ids"].shape)
-        self.val_nll.update(*self._nll(batch))
+        self.val_nll.update(*self._nll(batch)[:2])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Accumulate the batch's token NLL for the test perplexity."""
-        self.test_nll.update(*self._nll(batch))
+        self.test_nll.update(*self._nll(batch)[:2])
 
     def predict_step(self, batch: list[str] | dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Continuations of a batch of prompts, one record per decoding and returned sequence.
@@ -313,11 +377,24 @@ class CausalLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- export
-    def export_hf(self, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Save the model and tokenizer as a Hugging Face folder (see ``lm_lightning.model.export``)."""
+    def export_hf(
+        self, output_dir: str | os.PathLike, overwrite: bool = False, adapter_only: bool = False
+    ) -> Path:
+        """Save the model and tokenizer as a Hugging Face folder (see ``lm_lightning.model.export``).
+
+        Under LoRA: the model with the adapters merged into its weights, or with ``adapter_only`` the adapter
+        folder that ``peft.PeftModel.from_pretrained(base, output_dir)`` loads.
+        """
         if self.model is None:
             self.configure_model()
-        return save_hf_folder(self.model, self._find_tokenizer(), output_dir, overwrite)
+        model = self.model
+        if adapter_only and not is_peft_model(model):
+            raise RunError(
+                "adapter_only=true exports LoRA adapters, and this model has none (no --model.lora)."
+            )
+        if is_peft_model(model) and not adapter_only:
+            model = merged_model(model, self.lora, self.hparams.model_name_or_path)
+        return save_hf_folder(model, self._find_tokenizer(), output_dir, overwrite)
 
     def on_fit_end(self) -> None:
         """Export the Hugging Face folder when ``export_dir`` is set."""
@@ -325,7 +402,9 @@ class CausalLMModule(L.LightningModule):
             self.export_hf(self.hparams.export_dir)
 
 
-def export_checkpoint(*, ckpt_path: str, output_dir: str, overwrite: bool = False) -> Path:
+def export_checkpoint(
+    *, ckpt_path: str, output_dir: str, overwrite: bool = False, adapter_only: bool = False
+) -> Path:
     """Turn a ``CausalLMModule`` checkpoint into a Hugging Face folder (model and tokenizer).
 
     Args:
@@ -334,8 +413,10 @@ def export_checkpoint(*, ckpt_path: str, output_dir: str, overwrite: bool = Fals
             loads it.
         overwrite: Also write into a folder that holds other files: its model and tokenizer files are
             replaced, the others kept.
+        adapter_only: For a LoRA checkpoint, write the adapter folder (``PeftModel.from_pretrained(base,
+            dir)``) instead of the model with the adapters merged in.
     """
     check_export_dir(output_dir, overwrite)
     check_checkpoint(ckpt_path)  # refuses a file that is not a plain checkpoint of ours, before loading it
-    module = CausalLMModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-    return module.export_hf(output_dir, overwrite)
+    module = CausalLMModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    return module.export_hf(output_dir, overwrite, adapter_only)
