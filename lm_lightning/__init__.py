@@ -22,6 +22,7 @@ from lm_lightning.model.lora import LoraSettings
 from lm_lightning.model.loss import TokenNLL, causal_lm_loss, causal_lm_nll
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
 from lm_lightning.model.parallel import transformer_block_policy
+from lm_lightning.model.sharded import FSDP2Strategy
 from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
 
 try:
@@ -35,6 +36,7 @@ __all__ = [
     "CausalLMDataModule",
     "CausalLMModule",
     "DecodingConfig",
+    "FSDP2Strategy",
     "GeneratedText",
     "JSONLPredictionWriter",
     "LMThroughputMonitor",

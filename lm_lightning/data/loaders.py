@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+from lm_lightning.data.sampling import EvenUnrepeatedSampler, PaddedBlocks
 
 
 def map_style_loader(
@@ -32,6 +35,10 @@ def map_style_loader(
         sampler = StatefulDistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
         )
+    elif world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy):
+        # FSDP2: every rank must run the same number of forward passes (each one is a collective).
+        dataset = PaddedBlocks(dataset)
+        sampler = EvenUnrepeatedSampler(dataset, world_size, rank, batch_size)
     elif world_size > 1:
         # Lightning's default DistributedSampler repeats blocks to even out the shards, which would
         # count them twice in the validation perplexity; this one gives each block to one rank.

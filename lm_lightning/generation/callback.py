@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from transformers import PreTrainedTokenizerBase
 
 from lm_lightning.data.tokenizer import find_tokenizer
@@ -69,7 +69,8 @@ class TextGenerationCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        sharded = isinstance(strategy, FSDPStrategy) or getattr(strategy, "zero_stage_3", False)
+        sharded = isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
+        sharded = sharded or getattr(strategy, "zero_stage_3", False)
         if sharded and trainer.world_size > 1:
             raise ValueError(
                 "TextGenerationCallback generates on the global-zero process alone, which cannot run a "

@@ -20,6 +20,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from lm_lightning.errors import RunError
 from lm_lightning.io import atomic_path
+from lm_lightning.model.sharded import META_FILE, is_sharded_checkpoint
 
 RNG_KEY = "lm_lightning_rng_states"
 
@@ -67,6 +68,42 @@ def collect_rng_states() -> dict[str, Any]:
     return states
 
 
+def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
+    """Every process's :func:`collect_rng_states`, indexed by global rank (a collective: all ranks call it).
+
+    Under DDP rank 0 alone writes the checkpoint, and each rank's dropout draws from its own state.
+    """
+    states = collect_rng_states()
+    if world_size < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [states]
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, states)
+    return gathered
+
+
+def rank_rng_states(saved: Any, rank: int) -> dict[str, Any] | None:
+    """This rank's states from a checkpoint: the per-rank list, or an older checkpoint's single state."""
+    if isinstance(saved, dict):
+        return saved
+    if isinstance(saved, list | tuple) and rank < len(saved):
+        return saved[rank]
+    return None  # a rank the saving run did not have: it keeps the seeded state
+
+
+def restore_loader_position(trainer: Any) -> None:
+    """Give the train loader the position saved in the checkpoint, if Lightning has not yet.
+
+    Lightning 2.6 hands a resumed fit's loader its saved state only when it creates the loader after reading
+    the checkpoint. With ``max_epochs`` set (the FSDP recipe), ``estimated_stepping_batches`` in
+    ``configure_optimizers`` creates it first, and the resumed fit would start its epoch over.
+    """
+    fit_loop = trainer.fit_loop
+    pending = fit_loop._combined_loader_states_to_load
+    if fit_loop.restarting and fit_loop._combined_loader is not None and pending:
+        fit_loop._combined_loader = None  # set it up again, as Lightning would have: with the saved state
+        fit_loop.setup_data()
+
+
 def set_rng_states(states: dict[str, Any]) -> None:
     """Restore what :func:`collect_rng_states` returned."""
     torch.set_rng_state(states["torch"])
@@ -82,17 +119,23 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- finding checkpoints
 def find_last_checkpoint(run_root: str | os.PathLike) -> Path | None:
-    """The newest ``last*.ckpt`` under ``run_root/*/checkpoints/`` (the logger's versions) or in ``run_root``.
+    """The newest ``last*.ckpt`` (a file, or a sharded folder) under ``run_root/*/checkpoints/`` (the logger's
+    versions) or in ``run_root``.
 
     Lightning resolves ``ckpt_path="last"`` in the *new* run's version folder only, which a fresh process has
     just numbered one higher, so it finds nothing and silently starts from scratch.
     """
     root = Path(run_root)
     patterns = ("*/checkpoints/last*.ckpt", "checkpoints/last*.ckpt", "last*.ckpt")
-    candidates = [p for pattern in patterns for p in root.glob(pattern) if p.is_file()]
+    candidates = [p for pattern in patterns for p in root.glob(pattern) if is_checkpoint(p)]
     if not candidates:
         return None
     return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint file, or a sharded checkpoint folder (FSDP2: shards and ``meta.pt``)."""
+    return os.path.isfile(path) or is_sharded_checkpoint(path)
 
 
 def newest_checkpoint(trainer: Any) -> str | None:
@@ -117,6 +160,9 @@ def load_checkpoint(path: str | os.PathLike, setting: str = "--ckpt_path") -> di
     a large checkpoint.
     """
     path = str(path)
+    folder = is_sharded_checkpoint(path)
+    if folder:  # a folder of shards: its meta.pt holds all but the weights and optimizer state
+        path = os.path.join(path, META_FILE)
     if "://" not in path and not os.path.isfile(path):
         hint = " (it is a folder)" if os.path.isdir(path) else ""
         raise FileNotFoundError(
@@ -138,7 +184,7 @@ def load_checkpoint(path: str | os.PathLike, setting: str = "--ckpt_path") -> di
         raise _not_a_checkpoint(setting, path, err) from err
     except Exception as err:  # a text file, a truncated file, a safetensors file ...
         raise _not_a_checkpoint(setting, path, err) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or ("state_dict" not in checkpoint and not folder):
         raise RunError(
             f"{setting}={path!r} is not a PyTorch Lightning checkpoint (no 'state_dict' in it). Give a .ckpt "
             "file written by fit."
@@ -188,7 +234,7 @@ def resolve_best(last: Path | None, monitor: str | None) -> Path:
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if key.startswith("ModelCheckpoint") and f"'monitor': {monitor!r}" in key:
             best = state.get("best_model_path")
-            if best and os.path.isfile(best):
+            if best and is_checkpoint(best):
                 return Path(best)
     raise RunError(f"--ckpt_path best: {str(last)!r} records no existing best checkpoint on {monitor!r}.")
 

@@ -21,7 +21,14 @@ from lm_lightning.data.tokenizer import find_tokenizer, load_tokenizer
 from lm_lightning.errors import RunError, check_compatible
 from lm_lightning.generation.decoding import DecodingConfig, generate_texts, resolve_decodings
 from lm_lightning.model.build import DTYPES, build_model, model_config, model_kwargs, prepare_model
-from lm_lightning.model.checkpointing import RNG_KEY, check_checkpoint, collect_rng_states, set_rng_states
+from lm_lightning.model.checkpointing import (
+    RNG_KEY,
+    check_checkpoint,
+    gather_rng_states,
+    rank_rng_states,
+    restore_loader_position,
+    set_rng_states,
+)
 from lm_lightning.model.export import check_export_dir, save_hf_folder
 from lm_lightning.model.faults import NonFiniteAction, nonfinite_loss
 from lm_lightning.model.flops import matmul_params, training_flops_per_batch
@@ -35,12 +42,14 @@ from lm_lightning.model.lora import (
 )
 from lm_lightning.model.loss import TokenNLL, causal_lm_loss, unwrap_model
 from lm_lightning.model.optim import SCHEDULERS, SchedulerName, adamw, lr_schedule, parameter_groups
+from lm_lightning.model.parallel import is_sharded
 from lm_lightning.model.portable import (
     add_portable_parts,
     model_from_checkpoint,
     portable_parts,
     read_portable_parts,
 )
+from lm_lightning.model.sharded import consolidated, export_sharded, sharded_model
 
 # Set while ``load_from_checkpoint`` runs: the model is then built in ``on_load_checkpoint``.
 _LOADING_CHECKPOINT = contextvars.ContextVar("lm_lightning_loading_checkpoint", default=False)
@@ -221,7 +230,10 @@ class CausalLMModule(L.LightningModule):
         check_compatible(config, tokenizer, block_size)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         from_checkpoint = self._checkpoint_config is not None
-        model = build_model(self.hparams, config, self.lora, device, weights_follow=from_checkpoint)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (see lm_lightning.model.sharded)
+            model = sharded_model(self, config, lambda: build_model(self.hparams, config, self.lora, device))
+        else:
+            model = build_model(self.hparams, config, self.lora, device, weights_follow=from_checkpoint)
         if not self.hparams.model_name_or_path and not from_checkpoint:
             # The resolved config (vocab size from the tokenizer) goes into the checkpoint's hparams.
             resolved = dict(self.hparams.model_config or {})
@@ -233,7 +245,9 @@ class CausalLMModule(L.LightningModule):
     def _set_model(self, model: torch.nn.Module) -> None:
         self._n_matmul_params = matmul_params(unwrap_model(model))  # before compile or FSDP wrap it
         hp = self.hparams
-        self.model = prepare_model(model, hp.gradient_checkpointing, hp.compile)
+        self.model = (
+            model if is_sharded(model) else prepare_model(model, hp.gradient_checkpointing, hp.compile)
+        )
 
     # ----------------------------------------------------------------------------- steps
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
@@ -248,7 +262,9 @@ class CausalLMModule(L.LightningModule):
             batch["input_ids"],
             labels=batch.get("labels"),
             attention_mask=batch.get("attention_mask"),
-            chunk_size=self.hparams.loss_chunk_size,
+            # FSDP2 gathers the root's parameters (embeddings, head) in the model's forward hooks, which the
+            # chunked loss (trunk, then head) would bypass: sharded models take the plain path.
+            chunk_size=None if is_sharded(self.model) else self.hparams.loss_chunk_size,
             router_aux_loss=router_aux_loss,
             position_ids=batch.get("position_ids"),  # packed examples (restarting at 0), else None
         )
@@ -297,7 +313,7 @@ class CausalLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the random state (dropout draws from it) for an exact resume, the model's config and tokenizer
         (the checkpoint travels: see ``lm_lightning.model.portable``); under LoRA, the adapters alone."""
-        checkpoint[RNG_KEY] = collect_rng_states()
+        checkpoint[RNG_KEY] = gather_rng_states(self.trainer.world_size if self._trainer is not None else 1)
         config = unwrap_model(self.model).config
         add_portable_parts(checkpoint, config, self._find_tokenizer())
         if is_peft_model(self.model):
@@ -306,7 +322,8 @@ class CausalLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Build the model from the checkpoint when it is not built yet (``configure_model``), and keep the
         saved random state until training goes on (see ``on_train_batch_start``)."""
-        self._rng_states_to_restore = checkpoint.get(RNG_KEY)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self._rng_states_to_restore = rank_rng_states(checkpoint.get(RNG_KEY), rank)
         config, tokenizer = portable_parts(checkpoint)
         self.tokenizer = tokenizer or self.tokenizer
         if self.model is None:
@@ -318,6 +335,10 @@ class CausalLMModule(L.LightningModule):
                 self._set_model(model_from_checkpoint(self._checkpoint_config, checkpoint, **kwargs))
         if is_peft_model(self.model):
             restore_frozen(self, checkpoint, self.hparams.model_name_or_path)
+
+    def on_train_start(self) -> None:
+        """A resumed fit goes on from the saved position in the epoch (see ``restore_loader_position``)."""
+        restore_loader_position(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Restore the checkpoint's random state just before the first step after a resume.
@@ -398,7 +419,11 @@ class CausalLMModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         """Export the Hugging Face folder when ``export_dir`` is set."""
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        if self.hparams.export_dir and is_sharded(self.model):  # every rank gathers its shards, rank 0 writes
+            export_sharded(
+                self.model, self._find_tokenizer(), self.hparams.export_dir, self.trainer.is_global_zero
+            )
+        elif self.hparams.export_dir and self.trainer.is_global_zero:
             self.export_hf(self.hparams.export_dir)
 
 
@@ -408,7 +433,7 @@ def export_checkpoint(
     """Turn a ``CausalLMModule`` checkpoint into a Hugging Face folder (model and tokenizer).
 
     Args:
-        ckpt_path: A checkpoint written by ``fit``.
+        ckpt_path: A checkpoint written by ``fit``: a file, or a sharded (FSDP2) checkpoint folder.
         output_dir: A new or empty folder, or an earlier export; ``AutoModelForCausalLM.from_pretrained``
             loads it.
         overwrite: Also write into a folder that holds other files: its model and tokenizer files are
@@ -418,5 +443,6 @@ def export_checkpoint(
     """
     check_export_dir(output_dir, overwrite)
     check_checkpoint(ckpt_path)  # refuses a file that is not a plain checkpoint of ours, before loading it
-    module = CausalLMModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    with consolidated(ckpt_path) as path:  # a sharded folder: its shards gathered into one file
+        module = CausalLMModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     return module.export_hf(output_dir, overwrite, adapter_only)

@@ -19,8 +19,18 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PretrainedConfig, PreTrainedModel
 
 
@@ -50,3 +60,75 @@ def transformer_block_classes(config: PretrainedConfig) -> set[type[nn.Module]]:
     from lm_lightning.model.flops import meta_model
 
     return {type(m) for m in meta_model(config).modules() if is_transformer_block_class(type(m))}
+
+
+def shard_model(
+    build_empty: Callable[[], PreTrainedModel],
+    load_full: Callable[[], PreTrainedModel],
+    mesh: DeviceMesh,
+    device: torch.device,
+    *,
+    is_rank_zero: bool,
+    mixed_precision: bool = False,
+    cpu_offload: bool = False,
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """A Hugging Face model sharded with FSDP2 (``fully_shard``) over ``mesh``, with ``load_full``'s weights.
+
+    Every process builds the model on the meta device (no memory), shards each transformer block (the
+    classes of :func:`is_transformer_block_class`) and then the root, and allocates its own shards only.
+    Rank 0 alone builds the full model (``load_full``: pretrained or freshly initialised weights) and
+    broadcasts it into the shards, so N processes never hold N full copies. With ``mixed_precision`` the
+    blocks compute in bf16 and reduce gradients in fp32; ``cpu_offload`` keeps shards and optimizer state in
+    host memory.
+    """
+    with torch.device("meta"):
+        model = build_empty()
+    if gradient_checkpointing:  # before fully_shard: the recomputation then sits inside each block's unit
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for module in model.modules():
+        if is_transformer_block_class(type(module)):
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    model.to_empty(device="cpu" if cpu_offload else device)
+    whole = load_full() if is_rank_zero else None
+    full = whole.state_dict() if whole is not None else {}
+    # Collective: rank 0's full tensors are broadcast, each process keeps its own shard of them.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    del full
+    model.tie_weights()
+    _broadcast_non_persistent_buffers(model, whole)
+    return model
+
+
+def _broadcast_non_persistent_buffers(model: nn.Module, whole: nn.Module | None) -> None:
+    """Copy the buffers that no state dict holds (rotary ``inv_freq``) from rank 0's model to every rank.
+
+    ``to_empty`` left them uninitialised; ``whole`` is rank 0's fully built model (``None`` elsewhere).
+    """
+    persistent = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            if whole is not None:
+                buffer.copy_(whole.get_buffer(name))
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP2 model on CPU, on rank 0 (``{}`` elsewhere).
+
+    A collective: every process must call it.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def is_sharded(model: nn.Module | None) -> bool:
+    """Whether ``model`` was sharded with ``fully_shard``."""
+    return isinstance(model, FSDPModule)
