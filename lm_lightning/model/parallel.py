@@ -1,17 +1,12 @@
-"""FSDP wrap policy: one FSDP unit (and one activation checkpoint) per transformer block, any HF model.
+"""Sharding: the transformer-block policy of any HF model, and FSDP2 (``fully_shard``) over it.
 
 The model is built in ``CausalLMModule.configure_model``, after the strategy exists, so the block class
-cannot be named in the strategy's arguments without hard-coding one architecture. Instead the policy is a
-function that FSDP calls on each module: a module is a transformer block when its class is listed in the
-``_no_split_modules`` of the Hugging Face ``PreTrainedModel`` defined beside it (``GPT2Block`` for GPT-2,
-``LlamaDecoderLayer`` for Llama, ...: the list ``accelerate``'s ``device_map`` uses for the same purpose).
-A YAML config names it by import path, so ``--print_config`` shows it as written::
-
-    strategy:
-      class_path: lightning.pytorch.strategies.FSDPStrategy
-      init_args:
-        auto_wrap_policy: lm_lightning.model.parallel.transformer_block_policy
-        activation_checkpointing_policy: lm_lightning.model.parallel.transformer_block_policy
+cannot be named in the strategy's arguments without hard-coding one architecture. Instead a module is a
+transformer block when its class is listed in the ``_no_split_modules`` of the Hugging Face
+``PreTrainedModel`` defined beside it (``GPT2Block`` for GPT-2, ``LlamaDecoderLayer`` for Llama, ...: the list
+``accelerate``'s ``device_map`` uses for the same purpose). :func:`shard_model` makes each such block one
+FSDP2 unit (and one activation checkpoint); :func:`transformer_block_policy` is the same choice as an
+``auto_wrap_policy`` for torch's other wrappers (``apply_activation_checkpointing``).
 """
 
 from __future__ import annotations
