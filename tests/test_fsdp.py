@@ -189,3 +189,9 @@ def test_swap_in_replaces_a_folder_whole(tmp_path):
     swap_in(new, old)
     assert (old / "meta.pt").read_text() == "new" and not new.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # A crash before the swap leaves a complete .partial beside the previous folder: that one is still last.
+    for folder in (old, new):
+        folder.mkdir(exist_ok=True)
+        (folder / ".metadata").write_text("")
+        torch.save({"global_step": 1 if folder == old else 2, "state_dict": {}}, folder / "meta.pt")
+    assert find_last_checkpoint(tmp_path) == old and load_checkpoint(old)["global_step"] == 1
