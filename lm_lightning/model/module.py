@@ -231,7 +231,8 @@ class CausalLMModule(L.LightningModule):
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         from_checkpoint = self._checkpoint_config is not None
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (see lm_lightning.model.sharded)
-            model = sharded_model(self, config, lambda: build_model(self.hparams, config, self.lora, device))
+            load = lambda: build_model(self.hparams, config, self.lora, device, from_checkpoint)  # noqa: E731
+            model = sharded_model(self, config, load)
         else:
             model = build_model(self.hparams, config, self.lora, device, weights_follow=from_checkpoint)
         if not self.hparams.model_name_or_path and not from_checkpoint:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrain
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lm_lightning.data.tokenizer import tokenizer_from_data, tokenizer_to_data
+from lm_lightning.model.sharded import META_FILE, is_sharded_checkpoint
 
 CONFIG_KEY = "lm_lightning_model_config"
 TOKENIZER_KEY = "lm_lightning_tokenizer"
@@ -47,7 +49,9 @@ def portable_parts(
 def read_portable_parts(
     path: str | os.PathLike,
 ) -> tuple[PretrainedConfig | None, PreTrainedTokenizerBase | None]:
-    """:func:`portable_parts` of a checkpoint file; its tensors are memory-mapped, not read."""
+    """:func:`portable_parts` of a checkpoint file or sharded folder; its tensors are memory-mapped."""
+    if is_sharded_checkpoint(path):  # FSDP2: all but the weights and optimizer state are in meta.pt
+        path = Path(path) / META_FILE
     checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     return portable_parts(checkpoint)
 

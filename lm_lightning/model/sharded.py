@@ -201,7 +201,7 @@ def export_sharded(
 
 @contextlib.contextmanager
 def consolidated(path: str | os.PathLike) -> Iterator[Path]:
-    """``path`` itself for a checkpoint file; for a sharded folder, a temporary file of its whole checkpoint."""
+    """``path`` itself for a checkpoint file; for a sharded folder, a temporary file of its checkpoint."""
     if not is_sharded_checkpoint(path):
         yield Path(path)
         return
