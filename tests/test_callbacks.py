@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from lm_lightning.generation import callback as callbacks
 from lm_lightning.generation.callback import TextGenerationCallback, _model_and_tokenizer
 from lm_lightning.generation.decoding import PRESETS, DecodingConfig
+from lm_lightning.model.sharded import FSDP2Strategy
 
 PROMPTS = ["The", "def f(x): return"]
 KEYS = {"epoch", "step", "prompt", "preset", "index", "text", "num_new_tokens"}
@@ -255,6 +256,8 @@ def test_sharded_strategies_are_refused_at_setup():
         callback.setup(SimpleNamespace(strategy=FSDPStrategy(), world_size=2), Mock(), "fit")
     callback.setup(SimpleNamespace(strategy=FSDPStrategy(), world_size=1), Mock(), "fit")
     callback.setup(SimpleNamespace(strategy=SingleDeviceStrategy(), world_size=2), Mock(), "fit")
+    with pytest.raises(ValueError, match="parameters FSDP2Strategy shards across 2 processes"):
+        callback.setup(SimpleNamespace(strategy=FSDP2Strategy(), world_size=2), Mock(), "fit")
 
 
 def test_parses_from_yaml_as_the_cli_would(tmp_path):
