@@ -22,7 +22,9 @@ from lm_lightning.data.datamodule import CausalLMDataModule
 from lm_lightning.errors import (
     check_compatible,
     check_precision,
+    check_schedule_length,
     check_trained,
+    is_open_ended,
     is_user_error,
     report_and_exit,
 )
@@ -187,6 +189,11 @@ class CausalLMCLI(LightningCLI):
         check_qlora(
             self.model.lora, self.trainer.strategy.root_device.type, not self.model.hparams.model_name_or_path
         )
+        if self.subcommand == "fit":
+            trainer = self.trainer
+            streaming = bool(getattr(self.datamodule, "streaming", False))
+            open_ended = is_open_ended(trainer.max_epochs, trainer.max_steps, streaming)
+            check_schedule_length(config.model.lr_scheduler, config.model.warmup_ratio, open_ended)
         tokenizer = self.datamodule.tokenizer
         model_config = self.model.build_config(tokenizer)
         predicting = self.subcommand == "predict"  # prompts are not cut into blocks

@@ -47,6 +47,37 @@ def check_precision(precision: Any, accelerator: Any) -> None:
         )
 
 
+def is_open_ended(max_epochs: int | None, max_steps: int | None, streaming: bool = False) -> bool:
+    """Whether the trainer limits leave the number of optimizer steps unknown.
+
+    ``max_epochs=-1`` (also what ``max_time`` alone gives: Lightning sets it to -1) with no ``max_steps``, or
+    a streamed train split (no length) with no ``max_steps``.
+    """
+    no_step_limit = max_steps in (-1, None)
+    return no_step_limit and (streaming or max_epochs in (-1, None))
+
+
+def check_schedule_length(lr_scheduler: str, warmup_ratio: float, open_ended: bool) -> None:
+    """Refuse a schedule that needs the number of training steps when the run has none.
+
+    ``linear`` and ``cosine`` decay to the last step, and ``warmup_ratio`` is a share of all steps; the
+    ``constant`` schedule (with ``warmup_steps``) does not need the length.
+    """
+    if not open_ended:
+        return
+    if lr_scheduler != "constant":
+        setting = f"--model.lr_scheduler={lr_scheduler!r}"
+    elif warmup_ratio:
+        setting = f"--model.warmup_ratio={warmup_ratio}"
+    else:
+        return
+    raise RunError(
+        f"{setting} needs the number of training steps, but this run has no step limit (max_epochs=-1, "
+        "max_time without max_steps, or a streaming dataset without max_steps): set --trainer.max_steps, "
+        "or use --model.lr_scheduler constant (with --model.warmup_steps for a warm-up)."
+    )
+
+
 def check_compatible(
     config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None, block_size: int | None
 ) -> None:

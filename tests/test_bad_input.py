@@ -198,6 +198,26 @@ CASES = [
         "streaming=True works on text data, not format='chat'",
     ),
     (
+        "decaying schedule, no epoch limit",
+        ["fit", "--trainer.max_steps", "-1", "--trainer.max_epochs", "-1"],
+        "--model.lr_scheduler='linear' needs the number of training steps",
+    ),
+    (
+        "warm-up ratio, time limit only",
+        [
+            "fit",
+            "--trainer.max_steps",
+            "-1",
+            "--trainer.max_time",
+            "00:00:10:00",
+            "--model.lr_scheduler",
+            "constant",
+            "--model.warmup_ratio",
+            "0.1",
+        ],
+        "set --trainer.max_steps",
+    ),
+    (
         "two data sources",
         ["fit", "--data.corpus", "python-docs"],
         "Give exactly one data source, got ['data_files', 'corpus']",

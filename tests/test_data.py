@@ -126,6 +126,13 @@ def test_second_prepare_is_served_from_cache(tmp_path, bpe_tokenizer_path, doc_t
     # A different block size is a different cache entry (and would tokenize).
     with pytest.raises(AssertionError, match="tokenized again"):
         _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=17).prepare_data()
+    # So is another number of tokenizing processes: each packs its own shard and drops its own partial block.
+    two_procs = _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=16, num_proc=2)
+    assert two_procs._cache_path() != dm2._cache_path()
+    assert (
+        _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=16)._cache_path()
+        == dm2._cache_path()
+    )
 
 
 def _blocks_of(dm):

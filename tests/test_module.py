@@ -294,3 +294,11 @@ def test_plain_trainer_with_default_logger_and_tokenizer_from_the_data_module(
     restored = CausalLMModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
     assert restored.hparams.tokenizer == bpe_tokenizer_path
     assert restored.export_hf(tmp_path / "hf").joinpath("tokenizer.json").exists()
+
+
+def test_bos_token_id_zero_is_kept(bpe_tokenizer):
+    bpe_tokenizer.bos_token = bpe_tokenizer.convert_ids_to_tokens(0)
+    bpe_tokenizer.eos_token = bpe_tokenizer.convert_ids_to_tokens(1)
+    assert bpe_tokenizer.bos_token_id == 0 and bpe_tokenizer.eos_token_id == 1
+    config = CausalLMModule(model_config={"n_layer": 1}).build_config(bpe_tokenizer)
+    assert config.bos_token_id == 0 and config.eos_token_id == 1  # not eos in place of a falsy 0

@@ -27,6 +27,7 @@ from lm_lightning.model.interrupts import CheckpointOnInterrupt
 KILLER = '''
 import os, signal
 import lightning as L
+import torch
 
 class KillAtStep(L.Callback):
     """SIGKILL this process in the middle of the optimizer step after ``step`` (no cleanup of any kind)."""
@@ -48,6 +49,14 @@ class TermAtStep(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SeedPerRank(L.Callback):
+    """A different random stream on each rank from the start of a fresh fit (dropout differs across ranks)."""
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_step == 0:
+            torch.manual_seed(1000 + trainer.global_rank)
 '''
 
 
@@ -111,6 +120,37 @@ def _fit(tmp_path: Path, config: dict, name: str, *args: str) -> subprocess.Comp
         timeout=600,
         env=env,
     )
+
+
+@pytest.mark.slow
+def test_ddp_fit_killed_mid_epoch_resumes_every_rank_to_the_same_weights(
+    tmp_path, bpe_tokenizer_path, doc_texts
+):
+    # 2 processes (gloo): 25 blocks a rank, 7 steps an epoch; killed in step 10, resumed from step 8.
+    (tmp_path / "killer.py").write_text(KILLER)
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "12"]
+    ddp += ["--trainer.callbacks+=killer.SeedPerRank"]  # ranks draw different dropout masks
+    whole = _fit(tmp_path, _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "whole"), "whole", *ddp)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed_config = _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "cut", kill_at=9)
+    killed = _fit(tmp_path, killed_config, "killed", *ddp)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    last = tmp_path / "cut" / "r" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 8 and saved["epoch"] == 1
+    states = saved[ckpt_module.RNG_KEY]  # one random state per rank, written by rank 0
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+    resumed_config = _resume_config(tmp_path, bpe_tokenizer_path, doc_texts, "cut")
+    resumed = _fit(tmp_path, resumed_config, "resumed", *ddp, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole_last = tmp_path / "whole" / "r" / "version_0" / "checkpoints" / "last.ckpt"
+    expected = torch.load(whole_last, map_location="cpu", weights_only=True)
+    got = torch.load(last, map_location="cpu", weights_only=True)
+    assert expected["global_step"] == got["global_step"] == 12
+    # DDP averages the ranks' gradients: the weights depend on rank 1's dropout masks after the resume too.
+    diffs = {k: (v - got["state_dict"][k]).abs().max().item() for k, v in expected["state_dict"].items()}
+    assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
 
 
 @pytest.mark.slow

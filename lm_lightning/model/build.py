@@ -28,7 +28,8 @@ def model_config(hp: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | Non
         overrides.setdefault("vocab_size", len(tokenizer))
         if tokenizer.eos_token_id is not None:
             overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
-            overrides.setdefault("bos_token_id", tokenizer.bos_token_id or tokenizer.eos_token_id)
+            bos = tokenizer.bos_token_id  # 0 is an id, not a missing one
+            overrides.setdefault("bos_token_id", tokenizer.eos_token_id if bos is None else bos)
     if hp["config_name"]:
         config = AutoConfig.from_pretrained(hp["config_name"], **overrides)
     else:
@@ -80,5 +81,8 @@ def prepare_model(model: nn.Module, gradient_checkpointing: bool, compile: bool)
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     if compile:
-        model.compile()  # in place: parameter names, and so checkpoints, stay those of the model
+        # The chunked loss calls the trunk (base_model) and the head, never model.forward, so model.compile()
+        # (which wraps forward) compiled nothing that ran. The trunk is compiled in place (parameter names,
+        # and so checkpoints, stay the model's); the head and loss in causal_lm_loss(compile=True).
+        unwrap_model(model).base_model.compile()
     return model

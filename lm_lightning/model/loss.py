@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,12 +71,14 @@ def causal_lm_nll(
     attention_mask: Tensor | None = None,
     chunk_size: int | None = 128,
     position_ids: Tensor | None = None,
+    compile: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Sum of next-token negative log-likelihoods and the number of target tokens.
 
     Position ``t`` predicts ``labels[:, t + 1]``; label ``-100`` is not a target. A packed block of
     ``T`` tokens therefore has ``T - 1`` targets. With ``chunk_size``, the vocabulary projection and
-    the loss run over ``chunk_size`` positions at a time in float32, so the full ``(B, T, V)`` float32
+    the loss run over ``batch_size * chunk_size`` rows (``chunk_size`` positions of each sequence, counted
+    over the flattened ``(batch, position)`` rows) at a time in float32, so the full ``(B, T, V)`` float32
     logits (the usual evaluation OOM, transformers #15466) never exist at once, in evaluation or, since
     the gradients are computed chunk by chunk too, in training. ``model`` may be a ``peft`` ``PeftModel``.
 
@@ -84,7 +88,7 @@ def causal_lm_nll(
     -100, and its padding continues its last example).
     """
     nll, n_targets, _ = causal_lm_loss(
-        model, input_ids, labels, attention_mask, chunk_size, position_ids=position_ids
+        model, input_ids, labels, attention_mask, chunk_size, position_ids=position_ids, compile=compile
     )
     return nll, n_targets
 
@@ -97,9 +101,11 @@ def causal_lm_loss(
     chunk_size: int | None = 128,
     router_aux_loss: bool = False,
     position_ids: Tensor | None = None,
+    compile: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``causal_lm_nll``'s two values and, with ``router_aux_loss`` on a mixture of experts, the model's own
-    load-balancing loss (``aux_loss`` of its forward with ``output_router_logits``; else ``None``)."""
+    load-balancing loss (``aux_loss`` of its forward with ``output_router_logits``; else ``None``).
+    ``compile``: the chunked head and loss run through ``torch.compile``."""
     if labels is None:
         labels = input_ids
     if position_ids is not None and "flash" in str(getattr(model.config, "_attn_implementation", "")):
@@ -146,15 +152,33 @@ def causal_lm_loss(
         hidden = hf_model.base_model(**kwargs)[0]
     hidden = hidden[:, :-1]  # (B, T-1, C): the positions that have a target
     head = hf_model.get_output_embeddings()
-    nll = _LinearCrossEntropy.apply(
-        hidden.flatten(0, 1),
-        head.weight,
-        head.bias,
-        targets.flatten(),
-        hidden.size(0) * chunk_size,
-        head_transform(hf_model.config),
-    )
+    head_nll = compiled_linear_cross_entropy() if compile else linear_cross_entropy
+    rows = hidden.size(0) * chunk_size
+    transform = head_transform(hf_model.config)
+    nll = head_nll(hidden.flatten(0, 1), head.weight, head.bias, targets.flatten(), rows, transform)
     return nll, n_targets, aux
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    chunk_rows: int,
+    transform: dict[str, float] | None = None,
+) -> Tensor:
+    """Summed ``cross_entropy(transform(hidden @ weight.T + bias), targets)``, ``chunk_rows`` rows a time."""
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, transform)
+
+
+@functools.cache
+def compiled_linear_cross_entropy() -> Callable[..., Tensor]:
+    """``linear_cross_entropy`` compiled with ``torch.compile``, made once per process.
+
+    Dynamo traces the autograd.Function (its chunk loop unrolled, one graph per shape and grad mode, no
+    graph break), so each chunk's float32 softmax, logsumexp and gather are fused kernels.
+    """
+    return torch.compile(linear_cross_entropy)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -179,8 +203,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> Tensor:
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = torch.zeros_like(bias) if need_bias else None
+        # The head's gradients are sums over all chunks: accumulated in float32 whatever the weights' dtype
+        # (bf16-true would round the running sum to 8 bits of mantissa at every chunk), cast once in backward.
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -197,21 +223,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
                 grad_logits.scatter_add_(1, t[:, None], -valid[:, None].to(grad_logits.dtype))
                 grad_logits = _chain_head_transform(grad_logits.mul_(valid[:, None]), capped, transform)
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)  # float32
                 grad_logits = grad_logits.to(h.dtype)
                 if need_hidden:
                     grad_hidden[rows] = grad_logits @ weight
                 if need_weight:
-                    grad_weight += grad_logits.t() @ h
-                if need_bias:
-                    grad_bias += grad_logits.sum(0)
+                    grad_weight += (grad_logits.t() @ h).float()
         ctx.needs = (need_hidden, need_weight, need_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, ...]:
         saved = iter(ctx.saved_tensors)
-        grads = [next(saved) * grad_total if needed else None for needed in ctx.needs]
+        grads = [
+            (next(saved) * grad_total).to(dtype) if needed else None
+            for needed, dtype in zip(ctx.needs, ctx.dtypes, strict=True)
+        ]
         return (*grads, None, None, None)
 
 
@@ -249,6 +279,21 @@ class TokenNLL(Metric):
         super().__init__()
         self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _apply(self, fn: Any, exclude_state: Any = ()) -> nn.Module:
+        """Move the states with the module, but keep their dtypes (float64 sum, int64 count).
+
+        torchmetrics guards ``.half()``, ``.double()`` and the like against dtype changes, but not
+        ``.to(dtype)``, which Lightning's ``bf16-true``/``16-true`` plugins call on the whole LightningModule:
+        the sum would become bfloat16 (8-bit mantissa) and the perplexity wrong.
+        """
+        keep = [key for key in ("nll_sum", "n_tokens") if key not in exclude_state]
+        this = super()._apply(fn, exclude_state=(*keep, *exclude_state))
+        for key in keep:
+            device = fn(getattr(this, key)).device  # where fn moves the state; not its dtype
+            this._defaults[key] = this._defaults[key].to(device)
+            setattr(this, key, getattr(this, key).to(device))
+        return this
 
     def update(self, nll_sum: Tensor, n_tokens: Tensor) -> None:
         """Add a batch's summed NLL and its number of target tokens."""

@@ -41,7 +41,16 @@ from lm_lightning.model.lora import (
     restore_frozen,
 )
 from lm_lightning.model.loss import TokenNLL, causal_lm_loss, unwrap_model
-from lm_lightning.model.optim import SCHEDULERS, SchedulerName, adamw, lr_schedule, parameter_groups
+from lm_lightning.model.optim import (
+    SCHEDULERS,
+    ClipsFusedUnderBf16Mixed,
+    SchedulerName,
+    adamw,
+    clips_scaled_gradients,
+    lr_schedule,
+    parameter_groups,
+    total_steps,
+)
 from lm_lightning.model.parallel import is_sharded
 from lm_lightning.model.portable import (
     add_portable_parts,
@@ -55,7 +64,7 @@ from lm_lightning.model.sharded import consolidated, export_sharded, sharded_mod
 _LOADING_CHECKPOINT = contextvars.ContextVar("lm_lightning_loading_checkpoint", default=False)
 
 
-class CausalLMModule(L.LightningModule):
+class CausalLMModule(ClipsFusedUnderBf16Mixed, L.LightningModule):
     """A causal language model (GPT-2 by default, any ``AutoModelForCausalLM``) for fit/validate/test.
 
     The model comes from ``model_name_or_path`` (pretrained weights) or, for training from scratch,
@@ -82,7 +91,7 @@ class CausalLMModule(L.LightningModule):
             mixed precision.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (when installed).
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
-        compile: Compile the model with ``torch.compile``.
+        compile: Compile the transformer blocks and the chunked loss with ``torch.compile`` (not in predict).
         learning_rate: AdamW peak learning rate.
         weight_decay: Decoupled weight decay, applied to weights only (not biases or norms).
         betas: AdamW betas.
@@ -90,8 +99,8 @@ class CausalLMModule(L.LightningModule):
         lr_scheduler: ``constant``, ``linear`` (decay to 0) or ``cosine``, stepped per optimizer step.
         warmup_steps: Linear warm-up steps.
         warmup_ratio: Warm-up as a share of all optimizer steps (used when ``warmup_steps`` is 0).
-        loss_chunk_size: Positions per chunk of the vocabulary projection in the loss; ``None`` for the
-            full logits at once.
+        loss_chunk_size: Positions of each sequence per chunk of the vocabulary projection in the loss (a
+            chunk holds ``batch_size * loss_chunk_size`` rows of float32 logits); ``None`` for all at once.
         export_dir: Save a Hugging Face folder (model and tokenizer) here at the end of fit.
         predict_decodings: Decoding presets or settings that ``predict`` continues each prompt with;
             default ``["greedy"]`` (see ``lm_lightning.generation.decoding.PRESETS``).
@@ -246,9 +255,9 @@ class CausalLMModule(L.LightningModule):
     def _set_model(self, model: torch.nn.Module) -> None:
         self._n_matmul_params = matmul_params(unwrap_model(model))  # before compile or FSDP wrap it
         hp = self.hparams
-        self.model = (
-            model if is_sharded(model) else prepare_model(model, hp.gradient_checkpointing, hp.compile)
-        )
+        # Not when predicting: generation with a growing KV cache would recompile at every length.
+        compile = hp.compile and not (self._trainer is not None and self._trainer.state.fn == "predict")
+        self.model = model if is_sharded(model) else prepare_model(model, hp.gradient_checkpointing, compile)
 
     # ----------------------------------------------------------------------------- steps
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
@@ -268,6 +277,7 @@ class CausalLMModule(L.LightningModule):
             chunk_size=None if is_sharded(self.model) else self.hparams.loss_chunk_size,
             router_aux_loss=router_aux_loss,
             position_ids=batch.get("position_ids"),  # packed examples (restarting at 0), else None
+            compile=self.hparams.compile,
         )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -393,8 +403,9 @@ class CausalLMModule(L.LightningModule):
         """AdamW (weight decay on weights only) and a per-step LR schedule over the whole fit."""
         hp = self.hparams
         groups = parameter_groups(self.model, hp.weight_decay)
-        optimizer = adamw(groups, hp.learning_rate, hp.betas, hp.eps, next(self.model.parameters()).device)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = total_steps(self.trainer, hp.lr_scheduler, hp.warmup_ratio)  # an open-ended run fails first
+        device, scaled_clipping = next(self.model.parameters()).device, clips_scaled_gradients(self.trainer)
+        optimizer = adamw(groups, hp.learning_rate, hp.betas, hp.eps, device, scaled_clipping)
         scheduler = lr_schedule(hp.lr_scheduler, optimizer, total, hp.warmup_steps, hp.warmup_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

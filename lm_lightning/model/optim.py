@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 from transformers import get_scheduler
+
+from lm_lightning.errors import check_schedule_length
 
 SchedulerName = Literal["constant", "linear", "cosine"]
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -33,17 +38,72 @@ def adamw(
     betas: tuple[float, float],
     eps: float,
     device: torch.device,
+    scaled_clipping: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW, fused where the device supports it."""
+    """AdamW, fused where the device supports it and no ``GradScaler`` meets gradient clipping."""
+    fused = device.type in ("cuda", "cpu") and not scaled_clipping
     return torch.optim.AdamW(
         groups,
         lr=lr,
         betas=tuple(betas),
         eps=eps,
-        # torch has fused AdamW kernels for CPU and CUDA; on CPU it is several times faster than the
-        # default for-each implementation (about 0.05 s instead of 0.25 s a step for 16 M parameters).
-        fused=device.type in ("cuda", "cpu"),
+        # torch has fused AdamW kernels for CPU and CUDA; on CPU they are about 4x faster than the for-each
+        # ones (docs/benchmarks.md). Not with a GradScaler (16-mixed) and gradient clipping: a fused AdamW
+        # unscales the gradients inside its own step(), after clipping, so clipping would see scaled
+        # gradients and Lightning refuses it (Lightning #21435). Lightning unscales for-each's gradients
+        # before clipping.
+        fused=fused,
+        foreach=not fused,
     )
+
+
+def clips_scaled_gradients(trainer: Any) -> bool:
+    """Whether the trainer clips gradients while a ``GradScaler`` scales them (``16-mixed``)."""
+    return bool(trainer.gradient_clip_val) and getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+def clip_gradients(
+    trainer: Any, optimizer: torch.optim.Optimizer, value: float | None, algorithm: Any
+) -> bool:
+    """Clip unscaled gradients under ``bf16-mixed`` (no ``GradScaler``); ``False`` to let Lightning clip.
+
+    Lightning's ``MixedPrecision`` plugin refuses to clip for any optimizer that unscales its own gradients
+    (a fused one), even under ``bf16-mixed``, which has no ``GradScaler``: there the gradients are not
+    scaled and clipping them is right, so the base ``Precision`` plugin's clipping is used.
+    """
+    plugin = trainer.precision_plugin
+    if not (isinstance(plugin, MixedPrecision) and plugin.scaler is None and value):
+        return False
+    Precision.clip_gradients(plugin, optimizer, value, GradClipAlgorithmType(algorithm or "norm"))
+    return True
+
+
+class ClipsFusedUnderBf16Mixed:
+    """A ``LightningModule`` mix-in: clip as Lightning does, also for a fused AdamW under ``bf16-mixed``."""
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: int | float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """See :func:`clip_gradients`; otherwise Lightning's own clipping."""
+        if not clip_gradients(self.trainer, optimizer, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def total_steps(trainer: Any, name: SchedulerName, warmup_ratio: float) -> int:
+    """The number of optimizer steps a schedule spans; 1 for ``constant`` in an open-ended run.
+
+    ``estimated_stepping_batches`` is ``inf`` with ``max_epochs=-1`` (what ``max_time`` alone gives) and -1
+    for a dataset without length and no ``max_steps``: ``int()`` of the first raises, and the second made
+    a one-step schedule (learning rate 0 after step 1). A schedule that needs the length is refused.
+    """
+    total = trainer.estimated_stepping_batches
+    if math.isfinite(total) and total >= 0:
+        return max(int(total), 1)
+    check_schedule_length(name, warmup_ratio, open_ended=True)
+    return 1  # the constant schedule does not use it
 
 
 def lr_schedule(
