@@ -189,15 +189,15 @@ class CausalLMCLI(LightningCLI):
         check_qlora(
             self.model.lora, self.trainer.strategy.root_device.type, not self.model.hparams.model_name_or_path
         )
-        if self.subcommand == "fit":
-            trainer = self.trainer
-            streaming = bool(getattr(self.datamodule, "streaming", False))
-            open_ended = is_open_ended(trainer.max_epochs, trainer.max_steps, streaming)
-            check_schedule_length(config.model.lr_scheduler, config.model.warmup_ratio, open_ended)
         tokenizer = self.datamodule.tokenizer
         model_config = self.model.build_config(tokenizer)
         predicting = self.subcommand == "predict"  # prompts are not cut into blocks
         check_compatible(model_config, tokenizer, None if predicting else self.datamodule.block_size)
+        if self.subcommand == "fit":
+            trainer, streaming = self.trainer, bool(getattr(self.datamodule, "streaming", False))
+            max_time = config.trainer.get("max_time")
+            open_ended = is_open_ended(trainer.max_epochs, trainer.max_steps, max_time, streaming)
+            check_schedule_length(config.model.lr_scheduler, config.model.warmup_ratio, open_ended)
 
     before_fit = before_validate = before_test = before_predict = _check_run
 

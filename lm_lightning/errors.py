@@ -47,14 +47,17 @@ def check_precision(precision: Any, accelerator: Any) -> None:
         )
 
 
-def is_open_ended(max_epochs: int | None, max_steps: int | None, streaming: bool = False) -> bool:
+def is_open_ended(
+    max_epochs: int | None, max_steps: int | None, max_time: Any = None, streaming: bool = False
+) -> bool:
     """Whether the trainer limits leave the number of optimizer steps unknown.
 
-    ``max_epochs=-1`` (also what ``max_time`` alone gives: Lightning sets it to -1) with no ``max_steps``, or
-    a streamed train split (no length) with no ``max_steps``.
+    No ``max_steps``, and ``max_epochs=-1``, or ``max_time`` without ``max_epochs`` (Lightning then sets it to
+    -1; with neither it uses 1000 epochs), or a streamed train split (no length).
     """
-    no_step_limit = max_steps in (-1, None)
-    return no_step_limit and (streaming or max_epochs in (-1, None))
+    if max_steps not in (-1, None):
+        return False
+    return streaming or max_epochs == -1 or (max_epochs is None and max_time is not None)
 
 
 def check_schedule_length(lr_scheduler: str, warmup_ratio: float, open_ended: bool) -> None:

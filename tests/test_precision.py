@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from lm_lightning import CausalLMModule
-from lm_lightning.errors import RunError
+from lm_lightning.errors import RunError, is_open_ended
 from lm_lightning.model.loss import causal_lm_nll, linear_cross_entropy
 
 CONFIG = dict(vocab_size=256, n_layer=2, n_embd=32, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
@@ -193,3 +193,10 @@ def test_compile_runs_compiled_graphs_and_matches_eager():
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_which_trainer_limits_leave_the_length_unknown():
+    assert not is_open_ended(None, -1)  # Lightning's default: 1000 epochs
+    assert is_open_ended(-1, -1) and is_open_ended(None, -1, max_time="00:00:10:00")
+    assert is_open_ended(1, -1, streaming=True)  # a streamed split has no length
+    assert not is_open_ended(-1, 100) and not is_open_ended(None, 100, "00:00:10:00", streaming=True)
