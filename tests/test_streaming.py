@@ -15,6 +15,7 @@ from lm_lightning.data.datamodule import CausalLMDataModule
 from lm_lightning.data.sources import TextSource
 from lm_lightning.data.streaming import StreamingBlocks
 from lm_lightning.data.tokenizer import load_tokenizer
+from lm_lightning.errors import RunError
 
 BLOCK = 24
 
@@ -140,7 +141,16 @@ def test_streaming_settings_that_cannot_work_fail_with_the_setting(tmp_path, sha
         StreamingBlocks(texts, load_tokenizer(bpe_tokenizer_path), rank=0, world_size=2)
 
 
-def _streaming_fit(tmp_path, shard_files, tokenizer_path, max_steps, ckpt_path=None, callbacks=()):
+def _streaming_fit(
+    tmp_path,
+    shard_files,
+    tokenizer_path,
+    max_steps,
+    ckpt_path=None,
+    callbacks=(),
+    scheduler="constant",
+    **limits,
+):
     import lightning as L
 
     from lm_lightning import CausalLMModule
@@ -159,13 +169,14 @@ def _streaming_fit(tmp_path, shard_files, tokenizer_path, max_steps, ckpt_path=N
     )
     no_dropout = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": BLOCK, "resid_pdrop": 0.0}
     no_dropout.update(embd_pdrop=0.0, attn_pdrop=0.0)
-    model = CausalLMModule(model_config=no_dropout, tokenizer=tokenizer_path, lr_scheduler="constant")
+    model = CausalLMModule(model_config=no_dropout, tokenizer=tokenizer_path, lr_scheduler=scheduler)
     trainer = quiet_trainer(
         tmp_path,
         max_steps=max_steps,
         limit_val_batches=0,
         enable_checkpointing=bool(callbacks),
         callbacks=list(callbacks),
+        **limits,
     )
     L.seed_everything(0)
     trainer.fit(model, data, ckpt_path=ckpt_path)
@@ -199,3 +210,13 @@ def test_streaming_fit_resumed_mid_pass_ends_with_the_uninterrupted_weights(
     )
     params = zip(restarted.model.parameters(), uninterrupted.model.parameters(), strict=True)
     assert not all(torch.equal(a, b) for a, b in params)
+
+
+def test_streaming_fit_by_time_alone_runs_with_a_constant_schedule(tmp_path, shard_files, bpe_tokenizer_path):
+    # No max_steps: the time limit ends the run (a decaying schedule cannot know its length and is refused).
+    with pytest.raises(RunError, match="set --trainer.max_steps"):
+        _streaming_fit(
+            tmp_path / "a", shard_files, bpe_tokenizer_path, -1, scheduler="linear", max_time={"seconds": 2}
+        )
+    model = _streaming_fit(tmp_path / "b", shard_files, bpe_tokenizer_path, -1, max_time={"seconds": 2})
+    assert model.trainer.global_step > 0
