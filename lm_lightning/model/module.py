@@ -41,16 +41,7 @@ from lm_lightning.model.lora import (
     restore_frozen,
 )
 from lm_lightning.model.loss import TokenNLL, causal_lm_loss, unwrap_model
-from lm_lightning.model.optim import (
-    SCHEDULERS,
-    ClipsFusedUnderBf16Mixed,
-    SchedulerName,
-    adamw,
-    clips_scaled_gradients,
-    lr_schedule,
-    parameter_groups,
-    total_steps,
-)
+from lm_lightning.model.optim import SCHEDULERS, ClipsFusedUnderBf16Mixed, SchedulerName, optimizers
 from lm_lightning.model.parallel import is_sharded
 from lm_lightning.model.portable import (
     add_portable_parts,
@@ -401,13 +392,7 @@ class CausalLMModule(ClipsFusedUnderBf16Mixed, L.LightningModule):
     # ----------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (weight decay on weights only) and a per-step LR schedule over the whole fit."""
-        hp = self.hparams
-        groups = parameter_groups(self.model, hp.weight_decay)
-        total = total_steps(self.trainer, hp.lr_scheduler, hp.warmup_ratio)  # an open-ended run fails first
-        device, scaled_clipping = next(self.model.parameters()).device, clips_scaled_gradients(self.trainer)
-        optimizer = adamw(groups, hp.learning_rate, hp.betas, hp.eps, device, scaled_clipping)
-        scheduler = lr_schedule(hp.lr_scheduler, optimizer, total, hp.warmup_steps, hp.warmup_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers(self.model, self.hparams, self.trainer)
 
     # ----------------------------------------------------------------------------- export
     def export_hf(

@@ -116,3 +116,17 @@ def lr_schedule(
     """``transformers.get_scheduler``'s schedule of ``name`` over ``total_steps`` optimizer steps."""
     warmup = warmup_steps or int(warmup_ratio * total_steps)
     return get_scheduler(SCHEDULERS[name], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def optimizers(model: nn.Module, hp: Any, trainer: Any) -> dict[str, Any]:
+    """``configure_optimizers``' answer: AdamW over ``model`` and its per-step schedule over the whole fit.
+
+    ``hp``: the module's hyper-parameters (``learning_rate``, ``weight_decay``, ``betas``, ``eps``,
+    ``lr_scheduler``, ``warmup_steps``, ``warmup_ratio``).
+    """
+    total = total_steps(trainer, hp.lr_scheduler, hp.warmup_ratio)  # an open-ended run fails first
+    groups = parameter_groups(model, hp.weight_decay)
+    device = next(model.parameters()).device
+    optimizer = adamw(groups, hp.learning_rate, hp.betas, hp.eps, device, clips_scaled_gradients(trainer))
+    scheduler = lr_schedule(hp.lr_scheduler, optimizer, total, hp.warmup_steps, hp.warmup_ratio)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
