@@ -396,10 +396,8 @@ class CausalLMDataModule(L.LightningDataModule):
         if not self.datasets:
             self.setup()
         trainer = self.trainer
-        timed = trainer is not None and any(
-            isinstance(c, L.pytorch.callbacks.Timer) for c in trainer.callbacks
-        )  # Lightning keeps no max_time: a Timer callback is there when it is set
-        if trainer is not None and trainer.max_steps == -1 and not timed:
+        timed = any(isinstance(c, L.pytorch.callbacks.Timer) for c in getattr(trainer, "callbacks", []))
+        if trainer is not None and trainer.max_steps == -1 and not timed:  # max_time set: a Timer is there
             raise ValueError(
                 "streaming=True repeats the train split without end (ranks stay in step under DDP): set "
                 "--trainer.max_steps, and an integer --trainer.val_check_interval to validate every N steps."
