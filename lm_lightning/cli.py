@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -167,8 +168,9 @@ class CausalLMCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand not in (None, "fit"):
             # Evaluation writes no checkpoint; restoring the fit's checkpoint callbacks would only warn that
-            # their folder "has changed".
+            # their folder "has changed", and Lightning's reminder that they are absent is moot here.
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+            warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
