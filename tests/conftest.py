@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -86,6 +87,18 @@ def write_tiny_config(folder: Path, tokenizer_path: str, texts: list[str], **tra
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def run_cli(monkeypatch, *args: str) -> int:
+    """Exit code of the CLI's entry point (what ``python -m lm_lightning`` runs) on ``args``, in-process."""
+    from lm_lightning.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lm_lightning", *args])
+    try:
+        main()
+    except SystemExit as exit_info:
+        return int(exit_info.code or 0)
+    return 0
 
 
 needs_shared_data = pytest.mark.skipif(

@@ -11,10 +11,11 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lm_lightning import CausalLMModule, load_tokenizer
-from lm_lightning.cli import cli_main, main
+from lm_lightning.cli import cli_main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -60,22 +61,12 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def _main(monkeypatch, *args: str) -> int:
-    """The CLI's entry point in this process (what ``python -m lm_lightning`` runs): its exit code."""
-    monkeypatch.setattr(sys, "argv", ["lm_lightning", *args])
-    try:
-        main()
-    except SystemExit as exit_info:
-        return int(exit_info.code or 0)
-    return 0
-
-
 def test_fit_in_a_subprocess_then_validate_test_predict_export(
     tmp_path, bpe_tokenizer_path, doc_texts, monkeypatch, capsys
 ):
     # fit as a real process (exit code, YAML overrides); the other commands in-process (~10 s of imports each)
     config = _tiny_config(tmp_path, bpe_tokenizer_path, doc_texts)
-    fit = _run(
+    fit = run_cli(
         "fit",
         "--config",
         str(config),
@@ -99,13 +90,13 @@ def test_fit_in_a_subprocess_then_validate_test_predict_export(
     monkeypatch.chdir(tmp_path)
     last = str(run_dir / "checkpoints" / "last.ckpt")
     for verb, key in (("validate", "val/perplexity"), ("test", "test/perplexity")):
-        assert _main(monkeypatch, verb, "--config", str(config), "--ckpt_path", last) == 0
+        assert run_cli(monkeypatch, verb, "--config", str(config), "--ckpt_path", last) == 0
         assert key in capsys.readouterr().out
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The for statement\n\nA class definition\nimport os\n")
     out_file = tmp_path / "out" / "predictions.jsonl"
-    code = _main(
+    code = run_cli(
         monkeypatch, "predict", "--config", str(config), "--ckpt_path", str(ckpts[0]),
         "--data.prompts_file", str(prompts),
         "--model.predict_decodings", '[greedy, {preset: top_k_top_p, max_new_tokens: 5}]',
@@ -121,7 +112,8 @@ def test_fit_in_a_subprocess_then_validate_test_predict_export(
     assert sorted(r["index"] for r in sampled if r["prompt"] == "import os") == [0, 1, 2]
 
     assert (
-        _main(monkeypatch, "export", "--ckpt_path", str(ckpts[0]), "--output_dir", str(tmp_path / "hf")) == 0
+        run_cli(monkeypatch, "export", "--ckpt_path", str(ckpts[0]), "--output_dir", str(tmp_path / "hf"))
+        == 0
     )
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
 

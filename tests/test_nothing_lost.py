@@ -11,28 +11,18 @@ import io
 import os
 import re
 import stat
-import sys
 import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_config
+from conftest import run_cli, write_tiny_config
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from lm_lightning import CausalLMDataModule, cli
 from lm_lightning.cli import main
-
-
-def _run(monkeypatch, *args: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["lm_lightning", *args])
-    try:
-        main()
-    except SystemExit as exit_info:
-        return int(exit_info.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def run(tmp_path_factory, bpe_tokenizer_path, doc_texts):
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            code = _run(mp, "fit", "--config", "tiny.yaml")
+            code = run_cli(mp, "fit", "--config", "tiny.yaml")
     finally:
         os.umask(mask)
         mp.undo()
@@ -76,16 +66,17 @@ def test_export_never_deletes_what_it_did_not_write(run, monkeypatch, capsys):
     (theirs / "sub").mkdir(parents=True)
     (theirs / "notes.txt").write_text("mine")
     (theirs / "sub" / "keep.py").write_text("print('mine')")
-    assert _run(monkeypatch, "export", "--ckpt_path", ckpt, "--output_dir", "theirs") == 2
+    assert run_cli(monkeypatch, "export", "--ckpt_path", ckpt, "--output_dir", "theirs") == 2
     assert "holds other files and no earlier export: nothing was written" in capsys.readouterr().err
     assert sorted(p.name for p in theirs.rglob("*")) == ["keep.py", "notes.txt", "sub"]
 
-    assert _run(monkeypatch, "export", "--ckpt_path", ckpt, "--output_dir", ".") == 2
+    assert run_cli(monkeypatch, "export", "--ckpt_path", ckpt, "--output_dir", ".") == 2
     assert "is the current folder" in capsys.readouterr().err
 
     # --overwrite: the model and tokenizer files go in, the user's files stay.
     assert (
-        _run(monkeypatch, "export", "--ckpt_path", ckpt, "--output_dir", "theirs", "--overwrite", "true") == 0
+        run_cli(monkeypatch, "export", "--ckpt_path", ckpt, "--output_dir", "theirs", "--overwrite", "true")
+        == 0
     )
     assert (theirs / "notes.txt").read_text() == "mine" and (theirs / "sub" / "keep.py").exists()
     assert (theirs / "model.safetensors").exists() and (theirs / "tokenizer.json").exists()
@@ -93,12 +84,12 @@ def test_export_never_deletes_what_it_did_not_write(run, monkeypatch, capsys):
     # A fresh folder appears whole, with the umask's permissions; exporting again into it needs no flag.
     mask = os.umask(0o022)
     try:
-        assert _run(monkeypatch, "export", "--ckpt_path", ckpt, "--output_dir", "fresh") == 0
+        assert run_cli(monkeypatch, "export", "--ckpt_path", ckpt, "--output_dir", "fresh") == 0
     finally:
         os.umask(mask)
     assert stat.S_IMODE((run / "fresh").stat().st_mode) == 0o755
     (run / "fresh" / "README.md").write_text("my notes on this model")
-    assert _run(monkeypatch, "export", "--ckpt_path", ckpt, "--output_dir", "fresh") == 0
+    assert run_cli(monkeypatch, "export", "--ckpt_path", ckpt, "--output_dir", "fresh") == 0
     assert (run / "fresh" / "README.md").read_text() == "my notes on this model"
     exported = AutoModelForCausalLM.from_pretrained(run / "fresh")
     weights = torch.load(run / ckpt, map_location="cpu", weights_only=True)["state_dict"]
@@ -109,8 +100,8 @@ def test_evaluation_writes_into_the_run_it_evaluates(run, monkeypatch, capsys):
     monkeypatch.chdir(run)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _run(monkeypatch, "validate", "--config", "tiny.yaml", "--ckpt_path", "last") == 0
-        code = _run(
+        assert run_cli(monkeypatch, "validate", "--config", "tiny.yaml", "--ckpt_path", "last") == 0
+        code = run_cli(
             monkeypatch, "predict", "--config", "tiny.yaml", "--ckpt_path", "last", "--data.prompts", "[The]"
         )
         assert code == 0
