@@ -66,7 +66,7 @@ def test_fit_in_a_subprocess_then_validate_test_predict_export(
 ):
     # fit as a real process (exit code, YAML overrides); the other commands in-process (~10 s of imports each)
     config = _tiny_config(tmp_path, bpe_tokenizer_path, doc_texts)
-    fit = run_cli(
+    fit = _run(
         "fit",
         "--config",
         str(config),
