@@ -13,12 +13,16 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import yaml
 
 from lm_lightning.curves import (
     SUMMARY_FILE,
     Curves,
     Series,
+    describe_data,
     draw_curves,
     format_count,
     format_duration,
@@ -65,10 +69,7 @@ class VersionResult:
     def steps(self) -> int | None:
         if self.summary.get("steps") is not None:
             return int(self.summary["steps"])
-        logged = [
-            step for series in (self.curves.train_loss, self.curves.val_perplexity) for step, _ in series
-        ]
-        return max(logged) if logged else None
+        return self.curves.train_loss[-1][0] if self.curves.train_loss else None  # the last step logged
 
     @property
     def peak_memory(self) -> str:
@@ -98,12 +99,37 @@ def read_version(path: str | Path) -> VersionResult:
     path = Path(path)
     series, wall_times = _read_events(path) if _event_files(path) else _read_csv(path)
     summary_path = path / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = {**_described(path), **(json.loads(summary_path.read_text()) if summary_path.is_file() else {})}
     wall = summary.get("wall_seconds")
     if wall is None and len(wall_times) > 1:
         wall = max(wall_times) - min(wall_times)  # first to last logged value: fit's set-up not counted
     curves = Curves(label=f"{path.parent.name}/{path.name}", **series)
     return VersionResult(path, curves, summary, wall, checkpoint_bytes(path / "checkpoints"))
+
+
+def _described(path: Path) -> dict[str, str]:
+    """Model, data and precision from the files Lightning writes, for a version without a summary."""
+    about = {}
+    hparams = _yaml(path / "hparams.yaml")  # the module's and the data module's arguments
+    if hparams:
+        config = hparams.get("model_config")
+        name = hparams.get("model_name_or_path") or hparams.get("config_name")
+        if name is None and isinstance(config, dict):
+            name = config.get("model_type", "gpt2")  # lm_lightning.model.build's default
+        about["model"] = str(name or "model")
+        about["data"] = describe_data(SimpleNamespace(hparams=hparams))
+    precision = (_yaml(path / "config.yaml").get("trainer") or {}).get("precision")  # the CLI's config
+    if precision is not None:
+        about["precision"] = str(precision)
+    return about
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def _event_files(path: Path) -> list[Path]:

@@ -103,6 +103,12 @@ def test_curves_of_a_fit_and_the_report_of_two_versions(
     markdown = (tmp_path / "report.md").read_text()
     assert _row(markdown, "version_0") == rows["version_0"] and "![curves](report.png)" in markdown
     assert _png_size(tmp_path / "report.png") == (800, 700)
+    (run / "version_1" / SUMMARY_FILE).unlink()  # as from an older run: the logs and Lightning's files alone
+    fallback = read_version(run / "version_1").row()
+    assert (
+        fallback[1:7] == [*rows["version_1"][1:4], "-", "-", "-"]
+        and fallback[-1] == "gpt2 · train.txt · 32-true"
+    )
     assert run_cli(monkeypatch, "report", "runs/missing") == 2 and "no such folder" in capsys.readouterr().err
 
 
