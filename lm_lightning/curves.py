@@ -286,7 +286,9 @@ class CurvesCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._read_step(trainer)
         self._materialize()
-        log_dir = trainer.log_dir  # a collective under DDP (broadcast from rank zero): called on every rank
+        # A collective under DDP (broadcast from rank zero), so every rank asks. A W&B logger without a
+        # save_dir has none: the trainer's root folder then.
+        log_dir = trainer.log_dir or getattr(trainer, "default_root_dir", None)
         if not trainer.is_global_zero or log_dir is None:
             return
         folder = Path(log_dir)
