@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from lm_lightning.cli import cli_main
+from lm_lightning.curves import CurvesCallback, draw_curves
 from lm_lightning.data.corpus import builtin_corpus
 from lm_lightning.data.datamodule import CausalLMDataModule
 from lm_lightning.data.packing import BlockPacker
@@ -35,6 +36,7 @@ __all__ = [
     "BlockPacker",
     "CausalLMDataModule",
     "CausalLMModule",
+    "CurvesCallback",
     "DecodingConfig",
     "FSDP2Strategy",
     "GeneratedText",
@@ -50,6 +52,7 @@ __all__ = [
     "causal_lm_loss",
     "causal_lm_nll",
     "cli_main",
+    "draw_curves",
     "export_checkpoint",
     "generate_texts",
     "load_tokenizer",

@@ -1,6 +1,6 @@
 """Train and fine-tune causal language models with PyTorch Lightning: LightningCLI over our module and data.
 
-``python -m lm_lightning {fit,validate,test,predict,export}``.
+``python -m lm_lightning {fit,validate,test,predict,export,report}``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lm_lightning.curves import CurvesCallback
 from lm_lightning.data.datamodule import CausalLMDataModule
 from lm_lightning.errors import (
     check_compatible,
@@ -216,6 +217,7 @@ SUBCOMMANDS = {
     "test": "Test loss and perplexity of a checkpoint (--ckpt_path) or of pretrained weights.",
     "predict": "Continue prompts (--data.prompts or --data.prompts_file) into a JSONL file.",
     "export": "Turn a checkpoint into a Hugging Face folder: export --ckpt_path CKPT --output_dir DIR.",
+    "report": "A table of a run's versions (perplexity, time, memory) and their curves: report runs/NAME.",
 }
 HELP = "\n".join(
     [
@@ -241,6 +243,11 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(0 if argv else 2)
     if argv[0] == "export":
         export_main(argv[1:])
+        return
+    if argv[0] == "report":
+        from lm_lightning.report import report_main
+
+        report_main(argv[1:])
         return
     cli_main(args)  # None: LightningCLI reads sys.argv itself (and warns when given both)
 
@@ -272,7 +279,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
             "init_args": {"save_dir": "runs", "name": "lm_lightning"},
         },
         # Persistent: added to whatever trainer.callbacks the config lists.
-        "callbacks": [TokensPerSecondProgressBar(), ValidationSummary(), CheckpointOnInterrupt()],
+        "callbacks": [
+            TokensPerSecondProgressBar(),
+            ValidationSummary(),
+            CheckpointOnInterrupt(),
+            CurvesCallback(),
+        ],
         "gradient_clip_val": 1.0,  # transformers.Trainer's max_grad_norm default; null turns it off
     }
     try:

@@ -124,7 +124,7 @@ def test_the_command_and_its_help_list_every_subcommand(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: python -m lm_lightning {fit,validate,test,predict,export}")
+    assert out.startswith("usage: python -m lm_lightning {fit,validate,test,predict,export,report")
     described = [
         line.split(maxsplit=1) for line in out.splitlines() if line.startswith("  ") and "  " in line[2:]
     ]
