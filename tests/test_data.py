@@ -14,6 +14,7 @@ from conftest import GPT2_TOKENIZER, WIKITEXT, needs_shared_data
 from datasets import Dataset, DatasetDict
 
 from lm_lightning.data.datamodule import CausalLMDataModule
+from lm_lightning.data.examples import REAL_TOKENS
 from lm_lightning.data.packing import BlockPacker
 from lm_lightning.data.tokenizer import load_tokenizer
 
@@ -71,7 +72,8 @@ def test_batches_hold_long_input_ids_and_labels_are_derived(tmp_path, bpe_tokeni
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids"}  # labels are the input ids: not stored twice
+    assert set(batch) == {"input_ids", REAL_TOKENS}  # labels are the input ids: not stored twice
+    assert batch[REAL_TOKENS] == 4 * 16  # counted on the host: no padding in raw-text blocks
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (4, 16)
     val = next(iter(dm.val_dataloader()))
     assert val["input_ids"].shape == (3, 16)
@@ -126,7 +128,7 @@ def test_second_prepare_is_served_from_cache(tmp_path, bpe_tokenizer_path, doc_t
     # A different block size is a different cache entry (and would tokenize).
     with pytest.raises(AssertionError, match="tokenized again"):
         _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=17).prepare_data()
-    # So is another number of tokenizing processes: each packs its own shard and drops its own partial block.
+    # So is another number of tokenizing processes (fine-tuning examples are packed per process shard).
     two_procs = _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=16, num_proc=2)
     assert two_procs._cache_path() != dm2._cache_path()
     assert (

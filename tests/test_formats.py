@@ -15,9 +15,9 @@ from datasets import Dataset, DatasetDict
 from tokenizers import processors
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lm_lightning import CausalLMDataModule, CausalLMModule, causal_lm_nll
+from lm_lightning import CausalLMDataModule, CausalLMModule, causal_lm_nll, load_tokenizer
 from lm_lightning.data.formats import IGNORE_INDEX, detect_format, encode_chat, encode_prompt_completion
-from lm_lightning.data.strided import blocks_to_stream, strided_windows
+from lm_lightning.data.strided import strided_windows
 
 CHATML_MARKED = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -187,7 +187,7 @@ def test_packed_unpacked_and_alone_give_the_same_loss(
                 batch = next(iter(dm.val_dataloader()))
                 # What the loss does for flash_attention_2 (which finds packed examples only in a batch of
                 # one row): the rows joined into one give the same loss.
-                joined = {k: v.reshape(1, -1) for k, v in batch.items()}
+                joined = {k: v.reshape(1, -1) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 with torch.no_grad():
                     assert module._nll(joined)[0].item() == pytest.approx(
                         module._nll(batch)[0].item(), rel=1e-5
@@ -284,49 +284,70 @@ def test_document_masking_equals_each_document_alone(tmp_path, bpe_tokenizer_pat
     assert masked == pytest.approx(alone, rel=1e-5)
 
 
-def reference_strided_nll(model, stream, window, stride):
-    """Independent of the windows code: token t is scored from the context stream[b:t], b the start of the
-    first window (a multiple of stride) whose end passes t; t is unscored when it opens its window."""
-    nll, n, cached = 0.0, 0, None
-    k = 0
+def reference_strided(model, stream, window, stride):
+    """The sliding-window method, token by token: windows ``stream[k * stride : k * stride + window]``, and
+    token t (t >= 1) predicted in the first window holding both t - 1 and t, from the window's tokens before it.
+    With ``stride == window`` a window's first token has no such window: it is not scored. Returns the summed
+    NLL and the number of tokens scored."""
+    nll, n, logprobs = 0.0, 0, {}
     with torch.no_grad():
         for t in range(1, len(stream)):
-            while min(k * stride + window, len(stream)) <= t:
-                k += 1
-            b = k * stride
-            if b == t:
+            starts = [b for b in range(0, t, stride) if t < b + window]  # windows holding t - 1 and t
+            if not starts:
                 continue
-            if cached is None or cached[0] != b:
-                logits = model(stream[None, b : min(b + window, len(stream))]).logits[0]
-                cached = (b, torch.log_softmax(logits.double(), -1))
-            nll -= cached[1][t - 1 - b, stream[t]].item()
+            b = starts[0]
+            if b not in logprobs:
+                logits = model(stream[None, b : b + window]).logits[0]
+                logprobs = {b: torch.log_softmax(logits.double(), -1)}
+            nll -= logprobs[b][t - 1 - b, stream[t]].item()
             n += 1
     return nll, n
 
 
-def test_strided_perplexity_equals_an_independent_reference(tmp_path, bpe_tokenizer_path, doc_texts):
-    texts = Dataset.from_dict({"text": doc_texts[200:230]})
-    data = dict(
-        tokenizer=bpe_tokenizer_path,
-        dataset=DatasetDict(train=texts, validation=texts),
-        block_size=64,
-        batch_size=4,
-        cache_dir=str(tmp_path / "cache"),
+def test_strided_perplexity_scores_every_token_of_the_split_once(tmp_path, bpe_tokenizer_path, doc_texts):
+    """Splits of 1.75 and 286.3 blocks of 16: every token but the first is scored once, tail included, against
+    a per-token reference on the texts' own tokens; num_proc 2 gives the same stream and number."""
+    tokenizer = load_tokenizer(bpe_tokenizer_path)
+    lengths = [len(ids) for ids in tokenizer(doc_texts)["input_ids"]]
+    short = next(i for i, n in enumerate(lengths) if n == 28)  # 1.75 blocks
+    test_texts, total = [], 0
+    for text, n in zip(doc_texts, lengths, strict=True):
+        if total < 286 * 16 + 5 and total + n < 287 * 16:  # 286 blocks, and a tail of 5 to 15 tokens
+            test_texts.append(text)
+            total += n
+    splits = {"validation": [doc_texts[short]], "test": test_texts}
+    raw = DatasetDict(
+        train=Dataset.from_dict({"text": doc_texts[:40]}),
+        **{split: Dataset.from_dict({"text": texts}) for split, texts in splits.items()},
     )
+    data = dict(tokenizer=bpe_tokenizer_path, dataset=raw, block_size=16, batch_size=8)
     module = tiny_module(bpe_tokenizer_path)
-    validate = quiet_trainer(tmp_path).validate
-    disjoint = validate(module, CausalLMDataModule(**data), verbose=False)[0]["val/perplexity"]
-    assert validate(module, CausalLMDataModule(**data, eval_stride=64), verbose=False)[0][
-        "val/perplexity"
-    ] == pytest.approx(disjoint, rel=1e-6)
-    dm = CausalLMDataModule(**data, eval_stride=24)
-    strided = validate(module, dm, verbose=False)[0]["val/perplexity"]
-    stream = blocks_to_stream(dm.datasets["validation"]).long()
-    nll, n = reference_strided_nll(module.model, stream, 64, 24)
-    assert n == len(stream) - 1  # every token but the first scored once
-    assert strided == pytest.approx(math.exp(nll / n), rel=1e-5)
-    assert strided < disjoint  # more context per token
+    streams = {split: torch.tensor(sum(tokenizer(texts)["input_ids"], [])) for split, texts in splits.items()}
+    assert len(streams["validation"]) == 28 and len(streams["test"]) // 16 == 286 and len(streams["test"]) % 16
+    results = {}
+    for num_proc, strides in ((1, (4, 5, 8, 16)), (2, (5,))):
+        for stride in strides:
+            dm = CausalLMDataModule(**data, eval_stride=stride, num_proc=num_proc, cache_dir=str(tmp_path / "c"))
+            dm.prepare_data()
+            dm.setup()
+            for split, stream in streams.items():
+                if split == "test" and stride in (4, 8):  # the long split: a stride that divides 16, and one not
+                    continue
+                loader = dm.val_dataloader() if split == "validation" else dm.test_dataloader()
+                assert torch.equal(loader.dataset.tokens.long(), stream)  # the whole split, in order
+                results[num_proc, stride, split] = nll, n = split_nll(module, loader)
+                if num_proc == 1:
+                    expected_nll, expected_n = reference_strided(module.model, stream, 16, stride)
+                    assert n == expected_n == (len(stream) - 1 if stride < 16 else len(stream) - -(-len(stream) // 16))
+                    assert nll == pytest.approx(expected_nll, rel=1e-5)
+            if stride == 5 and num_proc == 1:  # what validate logs
+                logged = quiet_trainer(tmp_path).validate(module, dm, verbose=False)[0]["val/perplexity"]
+                nll, n = results[1, 5, "validation"]
+                assert logged == pytest.approx(math.exp(nll / n), rel=1e-5)
+    for split in streams:
+        assert results[2, 5, split] == pytest.approx(results[1, 5, split], rel=1e-6)
     assert strided_windows(10, 4, 3) == [(0, 4, 0), (3, 7, 1), (6, 10, 1)]
+    assert strided_windows(3, 16, 5) == [(0, 3, 0)]  # shorter than a window: one window
 
 
 def test_chat_predict_stops_at_the_end_of_turn(tmp_path, bpe_tokenizer):

@@ -13,11 +13,12 @@ Each bad row raises a ``ValueError`` that names its split and row.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict, Json
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -32,6 +33,13 @@ ROW_COLUMN = "__row__"
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 NO_TARGET = 2**31 - 1  # ``first_target`` of an example with no target token
 _SENTINEL = "\x00END-OF-TURN-PROBE\x00"
+
+log = logging.getLogger(__name__)
+
+
+def row_name(split: str, row: int) -> str:
+    """How an error names a row of the source: ``The 'train' split, row 3 (counting from 0)``."""
+    return f"The {split!r} split, row {row} (counting from 0)"
 
 
 def detect_format(columns: list[str], text_column: str, data_format: str, split: str) -> str:
@@ -122,8 +130,9 @@ def check_streamed_format(texts: Any, text_column: str, data_format: str) -> Non
         )
 
 
-def resolve_format(raw: DatasetDict, text_column: str, data_format: str) -> str:
-    """The one format of every split of ``raw`` (text columns checked to hold strings)."""
+def resolve_format(raw: DatasetDict, text_column: str, data_format: str, skip_empty: bool = False) -> str:
+    """The one format of every split of ``raw`` (text columns checked to hold strings: a null value raises,
+    naming its row, unless ``skip_empty``)."""
     found = {
         split: detect_format(ds.column_names, text_column, data_format, split) for split, ds in raw.items()
     }
@@ -132,8 +141,30 @@ def resolve_format(raw: DatasetDict, text_column: str, data_format: str) -> str:
     data_format = next(iter(found.values()), "text" if data_format == "auto" else data_format)
     if data_format == "text":
         for split, ds in raw.items():
-            check_text_column(ds, text_column, split)
+            if not isinstance(ds.features.get(text_column), Json):  # Json: mixed types, checked by value
+                check_text_column(ds, text_column, split)
+            check_text_values(ds, text_column, split, skip_empty)
     return data_format
+
+
+def check_text_values(ds: Dataset, text_column: str, split: str, skip_empty: bool) -> int:
+    """How many values of the text column are null or not strings; unless ``skip_empty``, the first of them
+    raises, naming its row. Before any tokenizing: null values are counted from Arrow's validity bitmaps."""
+    if isinstance(ds.features[text_column], Json):  # values of several types (a JSON file's numbers...)
+        bad = [i for i, text in enumerate(ds[text_column]) if not isinstance(text, str)]
+    else:
+        column = ds.with_format("arrow")[text_column]
+        bad = column.is_null().to_numpy(zero_copy_only=False).nonzero()[0].tolist() if column.null_count else []
+    if bad and not skip_empty:
+        value = ds[bad[0]][text_column]
+        raise ValueError(
+            f"{row_name(split, bad[0])}: text_column={text_column!r} holds {value!r:.40} "
+            f"({type(value).__name__}), not a string; {len(bad)} such row(s) in the split. Fix the data, or "
+            "set --data.skip_empty true to skip them."
+        )
+    if bad:
+        log.warning(f"{split}: {len(bad)} row(s) whose {text_column!r} is null or not a string skipped.")
+    return len(bad)
 
 
 def read_chat_template(path: str | None) -> str | None:
@@ -290,7 +321,7 @@ class ExampleEncoder:
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "first_target": []}
         for j, row in enumerate(batch[ROW_COLUMN]):
-            where = f"The {self.source_split!r} split, row {row} (counting from 0)"
+            where = row_name(self.source_split, row)
             if self.data_format == "prompt_completion":
                 ids, labels = encode_prompt_completion(
                     self.tokenizer,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -104,17 +105,25 @@ def causal_lm_loss(
     compile: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``causal_lm_nll``'s two values and, with ``router_aux_loss`` on a mixture of experts, the model's own
-    load-balancing loss (``aux_loss`` of its forward with ``output_router_logits``; else ``None``).
-    ``compile``: the chunked head and loss run through ``torch.compile``."""
+    load-balancing loss (of its family's ``load_balancing_loss_func``, over the tokens ``attention_mask``
+    keeps: padding does not enter it; else ``None``). ``compile``: the chunked head and loss run through
+    ``torch.compile``.
+
+    With ``position_ids`` (packed rows), ``attention_mask`` only marks the padding after each row's last
+    example: it is not given to the model, which keeps attention inside each example from the position ids
+    alone (transformers reads them only without a 2-D mask); the padding comes after every real token.
+    """
     if labels is None:
         labels = input_ids
     if position_ids is not None and "flash" in str(getattr(model.config, "_attn_implementation", "")):
         input_ids, labels, position_ids = (x.reshape(1, -1) for x in (input_ids, labels, position_ids))
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
     targets = labels[:, 1:]
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
     n_targets = (targets != IGNORE_INDEX).sum()
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    model_mask = attention_mask if position_ids is None else None
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": model_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if router_aux_loss and has_router_aux_loss(model):
@@ -126,7 +135,7 @@ def causal_lm_loss(
         nll = F.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return nll, n_targets, getattr(out, "aux_loss", None)
+        return nll, n_targets, router_loss(model, out, attention_mask, model_mask)
 
     hf_model = unwrap_model(model)  # LoRA layers sit inside it: its base_model runs through them
     aux = None
@@ -143,7 +152,7 @@ def causal_lm_loss(
         ]
         hooks = [m.register_forward_hook(catch) for m in inner]
         try:
-            aux = model(**kwargs, logits_to_keep=1).aux_loss
+            aux = router_loss(model, model(**kwargs, logits_to_keep=1), attention_mask, model_mask)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -157,6 +166,20 @@ def causal_lm_loss(
     transform = head_transform(hf_model.config)
     nll = head_nll(hidden.flatten(0, 1), head.weight, head.bias, targets.flatten(), rows, transform)
     return nll, n_targets, aux
+
+
+def router_loss(model: nn.Module, out: Any, mask: Tensor | None, model_mask: Tensor | None) -> Tensor | None:
+    """A mixture of experts' load-balancing loss over the tokens of ``mask``: the one the model computed
+    (``out.aux_loss``) when it was given that mask, else its family's ``load_balancing_loss_func`` (Mixtral,
+    Qwen-MoE, OLMoE... each define one, with ``num_experts`` and ``num_experts_per_tok`` on the model)."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None or mask is None or mask is model_mask:
+        return aux
+    hf_model = unwrap_model(model)
+    balancing = getattr(sys.modules[type(hf_model).__module__], "load_balancing_loss_func", None)
+    if balancing is None or getattr(out, "router_logits", None) is None:
+        return aux  # a family without the usual function: its own loss, padding included
+    return balancing(out.router_logits, hf_model.num_experts, hf_model.num_experts_per_tok, mask)
 
 
 def linear_cross_entropy(
