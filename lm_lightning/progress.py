@@ -14,8 +14,8 @@ from lm_lightning.data.examples import real_tokens
 
 
 class TokensPerSecondProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar with ``real tok/s``: input tokens per second over all processes (smoothed), padding
-    not counted (``lm_lightning.data.examples.real_tokens``)."""
+    """Lightning's tqdm bar with ``real tok/s``: input tokens per second over all processes (smoothed),
+    padding not counted (``lm_lightning.data.examples.real_tokens``)."""
 
     def __init__(self, refresh_rate: int = 1, smoothing: float = 0.9) -> None:
         super().__init__(refresh_rate=refresh_rate)

@@ -16,10 +16,10 @@ from lm_lightning.data.formats import DataFormat
 from lm_lightning.data.loaders import map_style_loader
 from lm_lightning.data.packing import (
     CACHE_FORMAT_VERSION,
+    check_short_splits,
     default_cache_root,
     is_cached,
     read_block_cache,
-    short_split_message,
     write_block_cache,
 )
 from lm_lightning.data.prompts import ChatPromptBatch, read_prompts, render_chat_prompts
@@ -295,8 +295,9 @@ class CausalLMDataModule(L.LightningDataModule):
             else:
                 tokenizer_key = tokenizer_fingerprint(self.tokenizer)
             held_out = self.source.data_files is not None and "validation" not in self.source.data_files
-            resolved = dict(block_size=self.block_size, chat_template=self.chat_template, num_proc=self.num_proc)
-            settings = self.settings.key(held_out, **resolved)
+            settings = self.settings.key(
+                held_out, block_size=self.block_size, chat_template=self.chat_template, num_proc=self.num_proc
+            )
             key = fingerprint([CACHE_FORMAT_VERSION, source, tokenizer_key, settings])
             self.cache_path = self.cache_root / "blocks" / key
         return self.cache_path
@@ -327,7 +328,7 @@ class CausalLMDataModule(L.LightningDataModule):
             map_batch_size=self.map_batch_size,
             num_proc=self.num_proc,
             skip_empty=self.skip_empty,
-            short_ok=frozenset({"validation", "test"} if self.eval_stride else ()),  # strided: one window will do
+            short_ok=frozenset({"validation", "test"} if self.eval_stride else ()),  # one window will do
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -339,9 +340,7 @@ class CausalLMDataModule(L.LightningDataModule):
             self.prepare_data()
         self._raw = None
         self.datasets, self.data_format, self.tails = read_block_cache(path)
-        for split, blocks in self.datasets.items():  # a short evaluation split cached by a strided run
-            if len(blocks) == 0 and not (self.eval_stride and split != "train"):
-                raise ValueError(short_split_message(split, len(self.tails[split]), self.block_size))
+        check_short_splits(self.datasets, self.tails, self.block_size, strided=bool(self.eval_stride))
         formats.check_text_only(self.data_format, self.streaming, self.document_masking, self.eval_stride)
         if self.streaming:
             self.train_texts = self.source.stream_train()

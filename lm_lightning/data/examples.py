@@ -205,7 +205,7 @@ def real_tokens(batch: Any) -> int:
 
 
 def _counted(row: dict[str, Tensor], length: int) -> int:
-    """``length``, or 0 for a row the padding machinery added (``sampling.PaddedBlocks``: no target at all)."""
+    """``length``, or 0 for a row the padding machinery added (``sampling.PaddedBlocks``: no target)."""
     labels = row.get("labels")
     return 0 if labels is not None and bool((torch.as_tensor(labels) == IGNORE_INDEX).all()) else length
 

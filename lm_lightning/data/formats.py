@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from datasets import Dataset, DatasetDict, Json
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -154,7 +155,8 @@ def check_text_values(ds: Dataset, text_column: str, split: str, skip_empty: boo
         bad = [i for i, text in enumerate(ds[text_column]) if not isinstance(text, str)]
     else:
         column = ds.with_format("arrow")[text_column]
-        bad = column.is_null().to_numpy(zero_copy_only=False).nonzero()[0].tolist() if column.null_count else []
+        nulls = column.is_null().to_numpy(zero_copy_only=False) if column.null_count else []
+        bad = [int(i) for i in np.flatnonzero(nulls)]
     if bad and not skip_empty:
         value = ds[bad[0]][text_column]
         raise ValueError(

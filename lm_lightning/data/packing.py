@@ -76,7 +76,7 @@ class BlockPacker:
         return np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
 
     def cut(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        """The full blocks of ``carry`` + ``tokens``; the tokens after the last one become the new ``carry``."""
+        """The full blocks of ``carry`` + ``tokens``; the tokens after the last one become ``carry``."""
         if self.carry.size:
             tokens = np.concatenate([self.carry, tokens])
         n_blocks = tokens.size // self.block_size
@@ -85,7 +85,7 @@ class BlockPacker:
         return {"input_ids": tokens[:cut].reshape(n_blocks, self.block_size)}
 
     def pieces(self, batch: dict[str, list]) -> dict[str, list[np.ndarray]]:
-        """A batch's own tokens in rows of ``block_size``, its remainder a last, shorter row (nothing carried).
+        """A batch's own tokens in rows of ``block_size``, the remainder a last, shorter row (no carry).
 
         With ``num_proc`` > 1 each process packs its own shard of the texts; in rows like these, nothing is
         dropped at a shard's end, and :meth:`rejoin` (in one process) makes the split's blocks of them.
@@ -146,7 +146,8 @@ def write_block_cache(
                 raise ValueError(short_split_message(split, len(tail), block_size))
             files = [os.path.relpath(f["filename"], tmp) for f in blocks.cache_files]
             num_tokens = len(blocks) * block_size + len(tail)
-            splits[split] = {"files": files, "num_blocks": len(blocks), "num_tokens": num_tokens, "tail": tail}
+            splits[split] = {"files": files, "num_blocks": len(blocks), "num_tokens": num_tokens}
+            splits[split]["tail"] = tail
             del blocks
         write_manifest(tmp, block_size, "text", splits)
 
@@ -176,6 +177,16 @@ def _pack_split(
     for file in tmp.glob(f"{split}-pieces*.arrow"):  # one file per process
         file.unlink()
     return blocks.with_format(None)
+
+
+def check_short_splits(
+    splits: dict[str, Dataset], tails: dict[str, torch.Tensor], block_size: int, strided: bool
+) -> None:
+    """Raise for a cached split with no full block, unless it is an evaluation split read by strided windows
+    (a cache written by a strided run may hold one)."""
+    for split, blocks in splits.items():
+        if len(blocks) == 0 and not (strided and split != "train"):
+            raise ValueError(short_split_message(split, len(tails[split]), block_size))
 
 
 def short_split_message(split: str, n_tokens: int, block_size: int) -> str:
