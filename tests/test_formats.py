@@ -10,7 +10,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import GPT2_TOKENIZER, needs_shared_data, quiet_trainer
 from datasets import Dataset, DatasetDict
 from tokenizers import processors
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -386,6 +386,36 @@ def test_chat_predict_stops_at_the_end_of_turn(tmp_path, bpe_tokenizer):
     assert chat_out[1]["prompt"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert [(r["num_new_tokens"], r["text"]) for r in chat_out] == [(1, ""), (1, "")]  # stopped at <|im_end|>
     assert outputs["plain.txt"][0]["num_new_tokens"] == 5  # a plain prompt does not stop there
+
+
+@needs_shared_data
+def test_chat_predict_stops_at_an_end_of_turn_of_several_tokens(tmp_path):
+    """ChatML on the GPT-2 tokenizer: <|im_end|> is 7 plain tokens, not a special one. A model trained to end
+    its answer with it stops there in predict (a stop string), and the text leaves it out."""
+    tok = load_tokenizer(GPT2_TOKENIZER)
+    tok.chat_template = CHATML
+    assert len(tok("<|im_end|>").input_ids) == 7
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    ids, labels = encode_chat(tok, chat, CHATML, True, "row 0")
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):  # learns the answer and its <|im_end|> (the labels' end) by heart
+        nll, n = causal_lm_nll(model, ids, labels)
+        (nll / n).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat[:1]}) + "\n")
+    module = CausalLMModule(
+        model_name_or_path=str(tmp_path / "model"),
+        predict_decodings=[{"preset": "greedy", "max_new_tokens": 20}],
+    )
+    dm = CausalLMDataModule(tokenizer=tok, prompts_file=str(tmp_path / "chat.jsonl"))
+    [[out]] = quiet_trainer(tmp_path).predict(module, dm)
+    answer = tok("Hello there<|im_end|>", add_special_tokens=False).input_ids
+    assert (out["text"], out["num_new_tokens"]) == ("Hello there", len(answer))  # not 20 tokens
 
 
 def test_sft_recipe_lowers_the_completion_perplexity(tmp_path, bpe_tokenizer_path, monkeypatch):

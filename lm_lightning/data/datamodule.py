@@ -443,6 +443,6 @@ class CausalLMDataModule(L.LightningDataModule):
         prompts, collate_fn = self.prompts, list
         if not isinstance(prompts[0], str):  # chats, answered through the chat template
             template = formats.chat_template_of(self.tokenizer, self.chat_template)
-            prompts, stop_token_ids = render_chat_prompts(self.tokenizer, self.prompts, template)
-            collate_fn = ChatPromptBatch(stop_token_ids)
+            prompts, end_of_turn = render_chat_prompts(self.tokenizer, self.prompts, template)
+            collate_fn = ChatPromptBatch(end_of_turn)
         return DataLoader(prompts, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_fn)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -343,16 +344,30 @@ class ExampleEncoder:
         return out
 
 
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
-    """The tokens that end an assistant turn: the special token the template writes right after an assistant
-    message (found by rendering a probe message), and the tokenizer's EOS."""
+@dataclass(frozen=True)
+class EndOfTurn:
+    """What ends an assistant turn in generation: token ids (a special token such as ``<|im_end|>``, EOS) and
+    stop strings (an end-of-turn text of several tokens, e.g. ``<|im_end|>`` on a tokenizer that does not
+    have it as a token)."""
+
+    token_ids: list[int]
+    strings: list[str]
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase, template: str) -> EndOfTurn:
+    """What the template writes right after an assistant message (found by rendering a probe message): its
+    first line, as a token id when it is one token or starts with a special one, else as a stop string; and
+    the tokenizer's EOS."""
     messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
     text = render_chat(tokenizer, messages, template, "The end-of-turn probe")
-    after = text[text.index(_SENTINEL) + len(_SENTINEL) :].lstrip()
-    ids = []
-    first = tokenizer(after, add_special_tokens=False).input_ids[:1] if after else []
-    if first and first[0] in tokenizer.added_tokens_decoder:  # a special token such as <|im_end|>
-        ids.append(first[0])
+    after = text[text.index(_SENTINEL) + len(_SENTINEL) :].strip()
+    marker = after.splitlines()[0].strip() if after else ""
+    ids, strings = [], []
+    marker_ids = tokenizer(marker, add_special_tokens=False).input_ids if marker else []
+    if len(marker_ids) == 1 or marker_ids[:1] and marker_ids[0] in tokenizer.added_tokens_decoder:
+        ids.append(marker_ids[0])  # a token of its own: a special token such as <|im_end|>
+    elif marker_ids:
+        strings.append(marker)  # several tokens: transformers' StopStringCriteria finds them
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
-    return ids
+    return EndOfTurn(ids, strings)

@@ -161,10 +161,11 @@ def causal_lm_loss(
         hidden = hf_model.base_model(**kwargs)[0]
     hidden = hidden[:, :-1]  # (B, T-1, C): the positions that have a target
     head = hf_model.get_output_embeddings()
-    head_nll = compiled_linear_cross_entropy() if compile else linear_cross_entropy
     rows = hidden.size(0) * chunk_size
     transform = head_transform(hf_model.config)
-    nll = head_nll(hidden.flatten(0, 1), head.weight, head.bias, targets.flatten(), rows, transform)
+    nll = linear_cross_entropy(
+        hidden.flatten(0, 1), head.weight, head.bias, targets.flatten(), rows, transform, compile
+    )
     return nll, n_targets, aux
 
 
@@ -189,29 +190,67 @@ def linear_cross_entropy(
     targets: Tensor,
     chunk_rows: int,
     transform: dict[str, float] | None = None,
+    compile: bool = False,
 ) -> Tensor:
-    """Summed ``cross_entropy(transform(hidden @ weight.T + bias), targets)``, ``chunk_rows`` rows a time."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, transform)
+    """Summed ``cross_entropy(transform(hidden @ weight.T + bias), targets)``, ``chunk_rows`` rows a time.
+
+    ``compile``: each chunk runs through one ``torch.compile`` graph (see :func:`compiled_chunk`).
+    """
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, transform, compile)
+
+
+def _chunk_loss(
+    h: Tensor,
+    t: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    transform: dict[str, float],
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """One chunk's summed loss and, as needed, its gradients for ``h`` (n, C), ``weight`` (in ``h``'s dtype)
+    and ``bias`` (float32). The gradient of the summed loss with respect to the logits is
+    ``softmax - one_hot``."""
+    logits = _apply_head_transform(F.linear(h, weight, bias).float(), transform)  # (n, V)
+    valid = t != IGNORE_INDEX
+    t = torch.where(valid, t, 0)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    loss = ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+    if not (need_hidden or need_weight or need_bias):
+        return loss, None, None, None
+    # tanh' = 1 - tanh^2, read before the logits are overwritten (soft-capped heads only).
+    capped = 1 - (logits / transform["softcap"]) ** 2 if "softcap" in transform else None
+    grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
+    grad_logits.scatter_add_(1, t[:, None], -valid[:, None].to(grad_logits.dtype))
+    grad_logits = _chain_head_transform(grad_logits.mul_(valid[:, None]), capped, transform)
+    grad_bias = grad_logits.sum(0) if need_bias else None  # float32
+    grad_logits = grad_logits.to(h.dtype)
+    grad_hidden = grad_logits @ weight if need_hidden else None
+    grad_weight = grad_logits.t() @ h if need_weight else None
+    return loss, grad_hidden, grad_weight, grad_bias
 
 
 @functools.cache
-def compiled_linear_cross_entropy() -> Callable[..., Tensor]:
-    """``linear_cross_entropy`` compiled with ``torch.compile``, made once per process.
+def compiled_chunk() -> Callable[..., Any]:
+    """:func:`_chunk_loss` compiled with ``torch.compile``, made once per process.
 
-    Dynamo traces the autograd.Function (its chunk loop unrolled, one graph per shape and grad mode, no
-    graph break), so each chunk's float32 softmax, logsumexp and gather are fused kernels.
+    Only the chunk is compiled, with its number of rows dynamic, and the loop over chunks stays in Python:
+    a graph of the whole loop would unroll it and so be specialised to the sequence length, and padded
+    fine-tuning batches change length almost every batch (transformers' own ``torch.compile`` advice is to
+    pad to a few lengths; here nothing is padded). One graph then serves every chunk of every length: one
+    for training, one for evaluation (and one for a chunk of a single row, a size dynamo specialises).
     """
-    return torch.compile(linear_cross_entropy)
+    return torch.compile(_chunk_loss)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of ``cross_entropy(hidden @ weight.T + bias, targets)``, ``chunk_rows`` rows at a time.
 
-    When gradients are needed they are computed in the forward pass, chunk by chunk (the gradient of the
-    summed loss with respect to the logits is ``softmax - one_hot``), so no chunk's float32 logits outlive
-    it: the ``(N, V)`` logits are neither materialised nor kept for the backward pass, in training as in
-    evaluation. The backward pass only scales the stored gradients. The same matmuls as the plain path
-    (the idea of Liger-Kernel's fused linear cross-entropy), with less memory traffic.
+    When gradients are needed they are computed in the forward pass, chunk by chunk, so no chunk's float32
+    logits outlive it: the ``(N, V)`` logits are neither materialised nor kept for the backward pass, in
+    training as in evaluation. The backward pass only scales the stored gradients. The same matmuls as the
+    plain path (the idea of Liger-Kernel's fused linear cross-entropy), with less memory traffic.
     """
 
     @staticmethod
@@ -223,6 +262,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: Tensor,
         chunk_rows: int,
         transform: dict[str, float] | None = None,
+        compile: bool = False,
     ) -> Tensor:
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -231,28 +271,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk = compiled_chunk() if compile else _chunk_loss
         for start in range(0, hidden.size(0), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, t = hidden[rows], targets[rows]  # (n, C), (n,)
-            logits = _apply_head_transform(F.linear(h, weight, bias).float(), transform or {})  # (n, V)
-            valid = t != IGNORE_INDEX
-            t = torch.where(valid, t, 0)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
-            if need_hidden or need_weight or need_bias:
-                transform = transform or {}
-                # tanh' = 1 - tanh^2, read before the logits are overwritten (soft-capped heads only).
-                capped = 1 - (logits / transform["softcap"]) ** 2 if "softcap" in transform else None
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
-                grad_logits.scatter_add_(1, t[:, None], -valid[:, None].to(grad_logits.dtype))
-                grad_logits = _chain_head_transform(grad_logits.mul_(valid[:, None]), capped, transform)
-                if need_bias:
-                    grad_bias += grad_logits.sum(0)  # float32
-                grad_logits = grad_logits.to(h.dtype)
-                if need_hidden:
-                    grad_hidden[rows] = grad_logits @ weight
-                if need_weight:
-                    grad_weight += (grad_logits.t() @ h).float()
+            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]  # (n, C), (n,)
+            if compile:  # one graph for every number of rows (the last chunk's, a smaller batch's)
+                torch._dynamo.maybe_mark_dynamic(h, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            loss, g_hidden, g_weight, g_bias = chunk(
+                h, t, weight, bias, transform or {}, need_hidden, need_weight, need_bias
+            )
+            total += loss
+            if need_hidden:
+                grad_hidden[start : start + chunk_rows] = g_hidden
+            if need_weight:
+                grad_weight += g_weight.float()
+            if need_bias:
+                grad_bias += g_bias
         ctx.needs = (need_hidden, need_weight, need_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
@@ -265,7 +299,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             (next(saved) * grad_total).to(dtype) if needed else None
             for needed, dtype in zip(ctx.needs, ctx.dtypes, strict=True)
         ]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _apply_head_transform(logits: Tensor, transform: dict[str, float]) -> Tensor:
