@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from datasets import Dataset, DatasetDict
 from lm_lightning.data.datamodule import CausalLMDataModule
 from lm_lightning.data.examples import REAL_TOKENS
 from lm_lightning.data.packing import BlockPacker
+from lm_lightning.data.settings import DataSettings
 from lm_lightning.data.tokenizer import load_tokenizer
 
 
@@ -265,6 +269,46 @@ def test_split_shorter_than_one_block_says_how_many_tokens(tmp_path, bpe_tokeniz
     ):
         _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=64).prepare_data()
     assert _no_partial_cache(tmp_path)
+
+
+def test_null_texts_fail_naming_the_row_or_are_skipped_and_counted(
+    tmp_path, bpe_tokenizer_path, doc_texts, caplog
+):
+    texts = doc_texts[:40]
+    raw = DatasetDict(
+        train=Dataset.from_dict({"text": [*texts[:10], None, *texts[10:], None]}),
+        validation=Dataset.from_dict({"text": texts[:20]}),
+    )
+    message = r"The 'train' split, row 10 \(counting from 0\): text_column='text' holds null, not a string; 2"
+    with pytest.raises(ValueError, match=message):
+        _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=raw, block_size=16).prepare_data()
+    assert _no_partial_cache(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lm_lightning"):
+        dm = _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=raw, block_size=16, skip_empty=True)
+        dm.setup("fit")
+    assert "train: 2 row(s) whose 'text' is null or not a string skipped" in caplog.text
+    ids = _reference_ids(load_tokenizer(bpe_tokenizer_path), texts)
+    assert _blocks(dm, "train").reshape(-1).tolist() + dm.tails["train"].tolist() == ids  # as if not there
+
+
+def test_cache_key_holds_every_setting_that_changes_the_rows(tmp_path, bpe_tokenizer_path):
+    # Each argument of the data module says what it changes, so a new one cannot be left out of the key.
+    arguments = set(inspect.signature(CausalLMDataModule.__init__).parameters) - {"self"}
+    assert arguments == {f.name for f in dataclasses.fields(DataSettings)}
+    (tmp_path / "a.txt").write_text("Some text to tokenize.\n" * 20)
+    files = {"train": str(tmp_path / "a.txt"), "validation": str(tmp_path / "a.txt")}
+
+    def key(**kwargs):
+        return _dm(
+            tmp_path, tokenizer=bpe_tokenizer_path, data_files=files, block_size=16, **kwargs
+        )._cache_path()
+
+    base = key()
+    # Best-fit packing is per map batch and per process shard: both change fine-tuning rows, as do these.
+    for changed in ({"map_batch_size": 10}, {"num_proc": 2}, {"skip_empty": True}, {"packing": True}):
+        assert key(**changed) != base, changed
+    # Batching, evaluation and prediction read the same rows; the seed matters only for a held-out split.
+    assert key(batch_size=3, eval_batch_size=5, num_workers=1, eval_stride=4, seed=7, prompts=["x"]) == base
 
 
 def test_missing_empty_and_non_utf8_files(tmp_path, bpe_tokenizer_path):

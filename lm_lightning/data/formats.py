@@ -160,13 +160,16 @@ def check_text_values(ds: Dataset, text_column: str, split: str, skip_empty: boo
         bad = [int(i) for i in np.flatnonzero(nulls)]
     if bad and not skip_empty:
         value = ds[bad[0]][text_column]
+        shown = "null" if value is None else f"{value!r:.40} ({type(value).__name__})"
         raise ValueError(
-            f"{row_name(split, bad[0])}: text_column={text_column!r} holds {value!r:.40} "
-            f"({type(value).__name__}), not a string; {len(bad)} such row(s) in the split. Fix the data, or "
-            "set --data.skip_empty true to skip them."
+            f"{row_name(split, bad[0])}: text_column={text_column!r} holds {shown}, not a string; "
+            f"{len(bad)} such row(s) in the split. Fix the data, or set --data.skip_empty true to skip them."
         )
     if bad:
-        log.warning(f"{split}: {len(bad)} row(s) whose {text_column!r} is null or not a string skipped.")
+        log.warning(
+            f"{split}: {len(bad)} row(s) whose {text_column!r} is null or not a string skipped "
+            "(--data.skip_empty)."
+        )
     return len(bad)
 
 
