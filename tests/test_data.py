@@ -264,11 +264,18 @@ def test_split_shorter_than_one_block_says_how_many_tokens(tmp_path, bpe_tokeniz
             "validation": Dataset.from_dict({"text": short}),
         }
     )
-    with pytest.raises(
-        ValueError, match=rf"'validation' split has {n} tokens, fewer than one block \(block_size=64\)"
-    ):
+    message = rf"'validation' split has {n} tokens, fewer than one block \(block_size=64\)"
+    with pytest.raises(ValueError, match=message):
         _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=64).prepare_data()
     assert _no_partial_cache(tmp_path)
+    # Strided evaluation needs no full block: the split is one window, of all its tokens.
+    strided = _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=64, eval_stride=32)
+    strided.setup("validate")
+    [window] = list(strided.val_dataloader())
+    assert window["input_ids"][0].tolist() == _reference_ids(tokenizer, short)
+    # Without a stride the same cache is refused, with the same message.
+    with pytest.raises(ValueError, match=message):
+        _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=64).setup("validate")
 
 
 def test_null_texts_fail_naming_the_row_or_are_skipped_and_counted(
