@@ -289,19 +289,24 @@ def reference_strided(model, stream, window, stride):
     token t (t >= 1) predicted in the first window holding both t - 1 and t, from the window's tokens before
     it. With ``stride == window`` a window's first token has no such window: it is not scored. Returns the
     summed NLL and the number of tokens scored."""
-    nll, n, logprobs = 0.0, 0, {}
+    n = len(stream)
+    by_length, next_logprob = {}, {}  # next_logprob[b][i]: log p(stream[b + i + 1] | stream[b : b + i + 1])
+    for b in range(0, n, stride):  # one window at a time would be slow: batched by length
+        by_length.setdefault(min(window, n - b), []).append(b)
     with torch.no_grad():
-        for t in range(1, len(stream)):
-            starts = [b for b in range(0, t, stride) if t < b + window]  # windows holding t - 1 and t
-            if not starts:
-                continue
-            b = starts[0]
-            if b not in logprobs:
-                logits = model(stream[None, b : b + window]).logits[0]
-                logprobs = {b: torch.log_softmax(logits.double(), -1)}
-            nll -= logprobs[b][t - 1 - b, stream[t]].item()
-            n += 1
-    return nll, n
+        for length, starts in by_length.items():
+            windows = torch.stack([stream[b : b + length] for b in starts])
+            logprobs = torch.log_softmax(model(windows).logits.double(), -1)[:, :-1]
+            targets = logprobs.gather(2, windows[:, 1:, None]).squeeze(2)
+            next_logprob.update(zip(starts, targets, strict=True))
+    nll, count = 0.0, 0
+    for t in range(1, n):
+        b = max(0, (t - window) // stride + 1) * stride  # the first window start after t - window
+        if not b <= t - 1:  # t opens its window (stride == window): no window predicts it
+            continue
+        nll -= next_logprob[b][t - 1 - b].item()
+        count += 1
+    return nll, count
 
 
 def test_strided_perplexity_scores_every_token_of_the_split_once(tmp_path, bpe_tokenizer_path, doc_texts):
@@ -320,7 +325,7 @@ def test_strided_perplexity_scores_every_token_of_the_split_once(tmp_path, bpe_t
         train=Dataset.from_dict({"text": doc_texts[:40]}),
         **{split: Dataset.from_dict({"text": texts}) for split, texts in splits.items()},
     )
-    data = dict(tokenizer=bpe_tokenizer_path, dataset=raw, block_size=16, batch_size=8)
+    data = dict(tokenizer=bpe_tokenizer_path, dataset=raw, block_size=16, eval_batch_size=64)
     module = tiny_module(bpe_tokenizer_path)
     streams = {split: torch.tensor(sum(tokenizer(texts)["input_ids"], [])) for split, texts in splits.items()}
     assert len(streams["validation"]) == 28
