@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lm_lightning.data.examples import real_tokens
 from lm_lightning.io import atomic_path
 
 CURVES_FILE = "curves.png"
@@ -216,7 +217,7 @@ class CurvesCallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
-            self._tokens += batch["input_ids"].numel() * trainer.world_size
+            self._tokens += real_tokens(batch) * trainer.world_size  # padding not counted
         if trainer.global_step != self._last_step:  # an optimizer step was taken (not an accumulation)
             self._step_done = self._last_step = trainer.global_step
         # Read later (next batch, validation or epoch end): a module may log the step's loss in its own

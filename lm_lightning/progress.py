@@ -10,9 +10,12 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lm_lightning.data.examples import real_tokens
+
 
 class TokensPerSecondProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar with ``tok/s``: input tokens per second over all processes (smoothed)."""
+    """Lightning's tqdm bar with ``real tok/s``: input tokens per second over all processes (smoothed),
+    padding not counted (``lm_lightning.data.examples.real_tokens``)."""
 
     def __init__(self, refresh_rate: int = 1, smoothing: float = 0.9) -> None:
         super().__init__(refresh_rate=refresh_rate)
@@ -25,7 +28,7 @@ class TokensPerSecondProgressBar(TQDMProgressBar):
     ) -> None:
         now = time.perf_counter()
         if self._last is not None and isinstance(batch, dict) and "input_ids" in batch:
-            rate = batch["input_ids"].numel() * trainer.world_size / max(now - self._last, 1e-9)
+            rate = real_tokens(batch) * trainer.world_size / max(now - self._last, 1e-9)
             self._rate = (
                 rate if self._rate is None else self.smoothing * self._rate + (1 - self.smoothing) * rate
             )
@@ -40,15 +43,16 @@ class TokensPerSecondProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         if self._rate is not None:
-            metrics["tok/s"] = f"{self._rate:,.0f}"
+            metrics["real tok/s"] = f"{self._rate:,.0f}"
         return metrics
 
 
 class ValidationSummary(L.Callback):
     """One line after each validation of a fit, kept on screen (and in a log file without a progress bar).
 
-    ``epoch 1: val/perplexity 163.0 (best 163.0) | 31 s | 4,100 tok/s``: the epoch's time so far and its
-    average training throughput (input tokens per second over all processes, validation time excluded).
+    ``epoch 1: val/perplexity 163.0 (best 163.0) | 31 s | 4,100 real tok/s``: the epoch's time so far and its
+    average training throughput (input tokens per second over all processes, padding and validation time
+    excluded).
     """
 
     def __init__(self) -> None:
@@ -71,7 +75,7 @@ class ValidationSummary(L.Callback):
     ) -> None:
         if self._batch_start is not None and isinstance(batch, dict) and "input_ids" in batch:
             self._train_time += time.perf_counter() - self._batch_start
-            self._tokens += batch["input_ids"].numel() * trainer.world_size
+            self._tokens += real_tokens(batch) * trainer.world_size
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         perplexity = trainer.callback_metrics.get("val/perplexity")
@@ -82,7 +86,7 @@ class ValidationSummary(L.Callback):
         rate = self._tokens / self._train_time if self._train_time else 0.0
         message = (
             f"epoch {trainer.current_epoch}: val/perplexity {float(perplexity):.1f} (best {self._best:.1f}) "
-            f"| {elapsed:.0f} s | {rate:,.0f} tok/s"
+            f"| {elapsed:.0f} s | {rate:,.0f} real tok/s"
         )
         bar = next((c for c in trainer.callbacks if isinstance(c, TQDMProgressBar) and c.is_enabled), None)
         if bar is not None and trainer.is_global_zero:

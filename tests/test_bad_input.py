@@ -38,6 +38,7 @@ def run_dir(tmp_path, bpe_tokenizer_path, doc_texts, monkeypatch) -> Path:
         "chat.jsonl": [{"messages": chat}] * 3,
         "chat_no_assistant.jsonl": [{"messages": chat}, {"messages": chat[:1]}],
         "chat_role.jsonl": [{"messages": [{"role": "wizard", "content": "Hi"}, chat[1]]}],
+        "null_text.jsonl": [{"text": "A text."}, {"text": "Another one."}, {"text": None}, {"text": None}],
     }
     for name, rows in jsonl.items():
         (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -72,6 +73,12 @@ CASES = [
         "split shorter than a block",
         ["fit", "--data.data_files.validation", "short.txt"],
         "tokens, fewer than one block (block_size=32): lower --data.block_size",
+    ),
+    (
+        "null text",
+        ["fit", "--data.data_files.validation", "null_text.jsonl"],
+        "The 'validation' split, row 2 (counting from 0): text_column='text' holds null, not a string; 2 "
+        "such row(s) in the split. Fix the data, or set --data.skip_empty true to skip them.",
     ),
     (
         "block_size above positions",

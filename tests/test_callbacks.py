@@ -278,3 +278,50 @@ def test_parses_from_yaml_as_the_cli_would(tmp_path):
         do_sample=True, top_k=50, temperature=0.5, max_new_tokens=12
     )
     assert callback.decodings[2][1] == DecodingConfig(do_sample=True, top_p=0.9, max_new_tokens=12)
+
+
+def test_tokens_per_second_count_real_tokens_only(monkeypatch):
+    """Unpacked fine-tuning batches are half padding: the bar, the line after each validation and the
+    throughput monitor count the tokens that are not (from the collator's count: no device sync)."""
+    from lm_lightning.data.examples import BlockCollator, PadCollator, real_tokens
+    from lm_lightning.model.flops import _num_tokens
+    from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
+
+    rows = [{"input_ids": torch.arange(n), "labels": torch.arange(n)} for n in (10, 3, 1)]
+    padded = PadCollator(0)(rows)  # 3 rows of 10: 14 real tokens
+    block = {"input_ids": torch.arange(8)}
+    with_padding_block = BlockCollator()(
+        [{**block, "labels": torch.arange(8)}, {**block, "labels": torch.full((8,), -100)}]
+    )
+    assert real_tokens(padded) == _num_tokens(padded) == 14 and padded["input_ids"].numel() == 30
+    assert real_tokens(with_padding_block) == 8  # the padding block (labels -100) is not counted
+    assert real_tokens({"input_ids": torch.zeros(2, 5)}) == 10  # a batch of some other collator: all of it
+
+    trainer = SimpleNamespace(
+        world_size=2,
+        sanity_checking=False,
+        state=SimpleNamespace(fn="fit"),
+        callbacks=[],
+        current_epoch=0,
+        callback_metrics={"val/perplexity": torch.tensor(5.0)},
+    )
+    summary = ValidationSummary()
+    summary.on_train_epoch_start(trainer, None)
+    for _ in range(3):
+        summary.on_train_batch_start(trainer, None, padded, 0)
+        summary.on_train_batch_end(trainer, None, None, padded, 0)
+    assert summary._tokens == 3 * 14 * 2  # over both processes
+    messages = []
+    monkeypatch.setattr("lm_lightning.progress.rank_zero_info", messages.append)
+    summary.on_validation_end(trainer, None)
+    assert messages[0].endswith(" real tok/s")
+
+    bar = TokensPerSecondProgressBar()
+    monkeypatch.setattr(L.pytorch.callbacks.TQDMProgressBar, "on_train_batch_end", lambda *args: None)
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr("lm_lightning.progress.time.perf_counter", lambda: next(clock))
+    for _ in range(2):
+        bar.on_train_batch_end(trainer, None, None, padded, 0)
+    assert bar._rate == 14 * 2  # real tokens per second, over both processes
+    monkeypatch.setattr(L.pytorch.callbacks.TQDMProgressBar, "get_metrics", lambda *args: {})
+    assert bar.get_metrics(trainer, None) == {"real tok/s": "28"}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -14,7 +17,9 @@ from conftest import GPT2_TOKENIZER, WIKITEXT, needs_shared_data
 from datasets import Dataset, DatasetDict
 
 from lm_lightning.data.datamodule import CausalLMDataModule
+from lm_lightning.data.examples import REAL_TOKENS
 from lm_lightning.data.packing import BlockPacker
+from lm_lightning.data.settings import DataSettings
 from lm_lightning.data.tokenizer import load_tokenizer
 
 
@@ -71,7 +76,8 @@ def test_batches_hold_long_input_ids_and_labels_are_derived(tmp_path, bpe_tokeni
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids"}  # labels are the input ids: not stored twice
+    assert set(batch) == {"input_ids", REAL_TOKENS}  # labels are the input ids: not stored twice
+    assert batch[REAL_TOKENS] == 4 * 16  # counted on the host: no padding in raw-text blocks
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (4, 16)
     val = next(iter(dm.val_dataloader()))
     assert val["input_ids"].shape == (3, 16)
@@ -126,7 +132,7 @@ def test_second_prepare_is_served_from_cache(tmp_path, bpe_tokenizer_path, doc_t
     # A different block size is a different cache entry (and would tokenize).
     with pytest.raises(AssertionError, match="tokenized again"):
         _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=17).prepare_data()
-    # So is another number of tokenizing processes: each packs its own shard and drops its own partial block.
+    # So is another number of tokenizing processes (fine-tuning examples are packed per process shard).
     two_procs = _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=16, num_proc=2)
     assert two_procs._cache_path() != dm2._cache_path()
     assert (
@@ -258,11 +264,58 @@ def test_split_shorter_than_one_block_says_how_many_tokens(tmp_path, bpe_tokeniz
             "validation": Dataset.from_dict({"text": short}),
         }
     )
-    with pytest.raises(
-        ValueError, match=rf"'validation' split has {n} tokens, fewer than one block \(block_size=64\)"
-    ):
+    message = rf"'validation' split has {n} tokens, fewer than one block \(block_size=64\)"
+    with pytest.raises(ValueError, match=message):
         _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=64).prepare_data()
     assert _no_partial_cache(tmp_path)
+    # Strided evaluation needs no full block: the split is one window, of all its tokens.
+    strided = _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=64, eval_stride=32)
+    strided.setup("validate")
+    [window] = list(strided.val_dataloader())
+    assert window["input_ids"][0].tolist() == _reference_ids(tokenizer, short)
+    # Without a stride the same cache is refused, with the same message.
+    with pytest.raises(ValueError, match=message):
+        _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=dsd, block_size=64).setup("validate")
+
+
+def test_null_texts_fail_naming_the_row_or_are_skipped_and_counted(
+    tmp_path, bpe_tokenizer_path, doc_texts, caplog
+):
+    texts = doc_texts[:40]
+    raw = DatasetDict(
+        train=Dataset.from_dict({"text": [*texts[:10], None, *texts[10:], None]}),
+        validation=Dataset.from_dict({"text": texts[:20]}),
+    )
+    message = r"The 'train' split, row 10 \(counting from 0\): text_column='text' holds null, not a string; 2"
+    with pytest.raises(ValueError, match=message):
+        _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=raw, block_size=16).prepare_data()
+    assert _no_partial_cache(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lm_lightning"):
+        dm = _dm(tmp_path, tokenizer=bpe_tokenizer_path, dataset=raw, block_size=16, skip_empty=True)
+        dm.setup("fit")
+    assert "train: 2 row(s) whose 'text' is null or not a string skipped" in caplog.text
+    ids = _reference_ids(load_tokenizer(bpe_tokenizer_path), texts)
+    assert _blocks(dm, "train").reshape(-1).tolist() + dm.tails["train"].tolist() == ids  # as if not there
+
+
+def test_cache_key_holds_every_setting_that_changes_the_rows(tmp_path, bpe_tokenizer_path):
+    # Each argument of the data module says what it changes, so a new one cannot be left out of the key.
+    arguments = set(inspect.signature(CausalLMDataModule.__init__).parameters) - {"self"}
+    assert arguments == {f.name for f in dataclasses.fields(DataSettings)}
+    (tmp_path / "a.txt").write_text("Some text to tokenize.\n" * 20)
+    files = {"train": str(tmp_path / "a.txt"), "validation": str(tmp_path / "a.txt")}
+
+    def key(**kwargs):
+        return _dm(
+            tmp_path, tokenizer=bpe_tokenizer_path, data_files=files, block_size=16, **kwargs
+        )._cache_path()
+
+    base = key()
+    # Best-fit packing is per map batch and per process shard: both change fine-tuning rows, as do these.
+    for changed in ({"map_batch_size": 10}, {"num_proc": 2}, {"skip_empty": True}, {"packing": True}):
+        assert key(**changed) != base, changed
+    # Batching, evaluation and prediction read the same rows; the seed matters only for a held-out split.
+    assert key(batch_size=3, eval_batch_size=5, num_workers=1, eval_stride=4, seed=7, prompts=["x"]) == base
 
 
 def test_missing_empty_and_non_utf8_files(tmp_path, bpe_tokenizer_path):

@@ -176,6 +176,52 @@ def test_chunked_loss_applies_the_family_head_values_and_gradients(family):
         assert torch.allclose(full[name], chunked[name], rtol=1e-4, atol=1e-7), name
 
 
+def _more_padding(batch, extra):
+    """``batch`` with ``extra`` more padding positions on every row, as the collator pads."""
+    pad = {"input_ids": 0, "labels": -100, "attention_mask": 0}
+    out = {k: F.pad(v, (0, extra), value=pad[k]) for k, v in batch.items() if k in pad}
+    if "position_ids" in batch:
+        positions = batch["position_ids"]
+        out["position_ids"] = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(extra)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_router_loss_leaves_padding_out(family):
+    """A mixture of experts' load-balancing loss is over the real tokens: the same for the same examples
+    unpacked or packed, and with more padding (the mask, or packed the padding after each row's examples)."""
+    from lm_lightning.data.examples import PadCollator
+
+    extra = dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    extra["shared_expert_intermediate_size"] = 32
+    config = (
+        tiny_config("mixtral") if family == "mixtral" else AutoConfig.for_model(family, **COMMON, **extra)
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    g = torch.Generator().manual_seed(0)
+    examples = [torch.randint(1, 512, (n,), generator=g) for n in (9, 23, 14, 5)]
+    unpacked = PadCollator(0)([{"input_ids": x, "labels": x} for x in examples])
+    packed_rows = [torch.cat(examples[:2]), torch.cat(examples[2:])]  # 32 and 19 tokens
+    positions = [torch.cat([torch.arange(len(x)) for x in pair]) for pair in (examples[:2], examples[2:])]
+    packed = PadCollator(0)(
+        [
+            {"input_ids": r, "labels": r, "position_ids": p}
+            for r, p in zip(packed_rows, positions, strict=True)
+        ]
+    )
+    auxes = []
+    for batch in (unpacked, _more_padding(unpacked, 9), packed, _more_padding(packed, 9)):
+        for chunk_size in (None, 7):
+            with torch.no_grad():
+                _, _, aux = causal_lm_loss(
+                    model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size,
+                    router_aux_loss=True, position_ids=batch.get("position_ids"),
+                )  # fmt: skip
+            auxes.append(aux.item())
+    assert auxes == pytest.approx([auxes[0]] * len(auxes), rel=1e-5)
+
+
 def test_unknown_family_falls_back_to_full_logits():
     config = AutoConfig.for_model("gemma3_text", **COMMON, num_key_value_heads=2, head_dim=16, pad_token_id=0)
     model = AutoModelForCausalLM.from_config(config)

@@ -10,14 +10,14 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import GPT2_TOKENIZER, needs_shared_data, quiet_trainer
 from datasets import Dataset, DatasetDict
 from tokenizers import processors
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lm_lightning import CausalLMDataModule, CausalLMModule, causal_lm_nll
+from lm_lightning import CausalLMDataModule, CausalLMModule, causal_lm_nll, load_tokenizer
 from lm_lightning.data.formats import IGNORE_INDEX, detect_format, encode_chat, encode_prompt_completion
-from lm_lightning.data.strided import blocks_to_stream, strided_windows
+from lm_lightning.data.strided import strided_windows
 
 CHATML_MARKED = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -187,7 +187,7 @@ def test_packed_unpacked_and_alone_give_the_same_loss(
                 batch = next(iter(dm.val_dataloader()))
                 # What the loss does for flash_attention_2 (which finds packed examples only in a batch of
                 # one row): the rows joined into one give the same loss.
-                joined = {k: v.reshape(1, -1) for k, v in batch.items()}
+                joined = {k: v.reshape(1, -1) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 with torch.no_grad():
                     assert module._nll(joined)[0].item() == pytest.approx(
                         module._nll(batch)[0].item(), rel=1e-5
@@ -284,49 +284,77 @@ def test_document_masking_equals_each_document_alone(tmp_path, bpe_tokenizer_pat
     assert masked == pytest.approx(alone, rel=1e-5)
 
 
-def reference_strided_nll(model, stream, window, stride):
-    """Independent of the windows code: token t is scored from the context stream[b:t], b the start of the
-    first window (a multiple of stride) whose end passes t; t is unscored when it opens its window."""
-    nll, n, cached = 0.0, 0, None
-    k = 0
+def reference_strided(model, stream, window, stride):
+    """The sliding-window method, token by token: windows ``stream[k * stride : k * stride + window]``, and
+    token t (t >= 1) predicted in the first window holding both t - 1 and t, from the window's tokens before
+    it. With ``stride == window`` a window's first token has no such window: it is not scored. Returns the
+    summed NLL and the number of tokens scored."""
+    n = len(stream)
+    by_length, next_logprob = {}, {}  # next_logprob[b][i]: log p(stream[b + i + 1] | stream[b : b + i + 1])
+    for b in range(0, n, stride):  # one window at a time would be slow: batched by length
+        by_length.setdefault(min(window, n - b), []).append(b)
     with torch.no_grad():
-        for t in range(1, len(stream)):
-            while min(k * stride + window, len(stream)) <= t:
-                k += 1
-            b = k * stride
-            if b == t:
-                continue
-            if cached is None or cached[0] != b:
-                logits = model(stream[None, b : min(b + window, len(stream))]).logits[0]
-                cached = (b, torch.log_softmax(logits.double(), -1))
-            nll -= cached[1][t - 1 - b, stream[t]].item()
-            n += 1
-    return nll, n
+        for length, starts in by_length.items():
+            windows = torch.stack([stream[b : b + length] for b in starts])
+            logprobs = torch.log_softmax(model(windows).logits.double(), -1)[:, :-1]
+            targets = logprobs.gather(2, windows[:, 1:, None]).squeeze(2)
+            next_logprob.update(zip(starts, targets, strict=True))
+    nll, count = 0.0, 0
+    for t in range(1, n):
+        b = max(0, (t - window) // stride + 1) * stride  # the first window start after t - window
+        if not b <= t - 1:  # t opens its window (stride == window): no window predicts it
+            continue
+        nll -= next_logprob[b][t - 1 - b].item()
+        count += 1
+    return nll, count
 
 
-def test_strided_perplexity_equals_an_independent_reference(tmp_path, bpe_tokenizer_path, doc_texts):
-    texts = Dataset.from_dict({"text": doc_texts[200:230]})
-    data = dict(
-        tokenizer=bpe_tokenizer_path,
-        dataset=DatasetDict(train=texts, validation=texts),
-        block_size=64,
-        batch_size=4,
-        cache_dir=str(tmp_path / "cache"),
+def test_strided_perplexity_scores_every_token_of_the_split_once(tmp_path, bpe_tokenizer_path, doc_texts):
+    """Splits of 1.75 and 286.3 blocks of 16: every token but the first is scored once, tail included, against
+    a per-token reference on the texts' own tokens; num_proc 2 gives the same stream and number."""
+    tokenizer = load_tokenizer(bpe_tokenizer_path)
+    lengths = [len(ids) for ids in tokenizer(doc_texts)["input_ids"]]
+    short = next(i for i, n in enumerate(lengths) if n == 28)  # 1.75 blocks
+    test_texts, total = [], 0
+    for text, n in zip(doc_texts, lengths, strict=True):
+        if total < 286 * 16 + 5 and total + n < 287 * 16:  # 286 blocks, and a tail of 5 to 15 tokens
+            test_texts.append(text)
+            total += n
+    splits = {"validation": [doc_texts[short]], "test": test_texts}
+    raw = DatasetDict(
+        train=Dataset.from_dict({"text": doc_texts[:40]}),
+        **{split: Dataset.from_dict({"text": texts}) for split, texts in splits.items()},
     )
+    data = dict(tokenizer=bpe_tokenizer_path, dataset=raw, block_size=16, eval_batch_size=64)
     module = tiny_module(bpe_tokenizer_path)
-    validate = quiet_trainer(tmp_path).validate
-    disjoint = validate(module, CausalLMDataModule(**data), verbose=False)[0]["val/perplexity"]
-    assert validate(module, CausalLMDataModule(**data, eval_stride=64), verbose=False)[0][
-        "val/perplexity"
-    ] == pytest.approx(disjoint, rel=1e-6)
-    dm = CausalLMDataModule(**data, eval_stride=24)
-    strided = validate(module, dm, verbose=False)[0]["val/perplexity"]
-    stream = blocks_to_stream(dm.datasets["validation"]).long()
-    nll, n = reference_strided_nll(module.model, stream, 64, 24)
-    assert n == len(stream) - 1  # every token but the first scored once
-    assert strided == pytest.approx(math.exp(nll / n), rel=1e-5)
-    assert strided < disjoint  # more context per token
+    streams = {split: torch.tensor(sum(tokenizer(texts)["input_ids"], [])) for split, texts in splits.items()}
+    assert len(streams["validation"]) == 28
+    assert len(streams["test"]) // 16 == 286 and len(streams["test"]) % 16 >= 5
+    results = {}
+    for num_proc, strides in ((1, (4, 5, 8, 16)), (2, (5,))):
+        for stride in strides:
+            dm = CausalLMDataModule(**data, eval_stride=stride, num_proc=num_proc, cache_dir=str(tmp_path))
+            dm.prepare_data()
+            dm.setup()
+            for split, stream in streams.items():
+                if split == "test" and stride in (4, 8):  # the long split: 5 (not dividing 16) and 16
+                    continue
+                loader = dm.val_dataloader() if split == "validation" else dm.test_dataloader()
+                assert torch.equal(loader.dataset.tokens.long(), stream)  # the whole split, in order
+                results[num_proc, stride, split] = nll, n = split_nll(module, loader)
+                if num_proc == 1:
+                    expected_nll, expected_n = reference_strided(module.model, stream, 16, stride)
+                    windows = -(-len(stream) // stride)  # with stride 16, each window's first token unscored
+                    assert n == expected_n == (len(stream) - 1 if stride < 16 else len(stream) - windows)
+                    assert nll == pytest.approx(expected_nll, rel=1e-5)
+            if stride == 5 and num_proc == 1:  # what validate logs
+                logged = quiet_trainer(tmp_path).validate(module, dm, verbose=False)[0]["val/perplexity"]
+                nll, n = results[1, 5, "validation"]
+                assert logged == pytest.approx(math.exp(nll / n), rel=1e-5)
+    for split in streams:
+        assert results[2, 5, split] == pytest.approx(results[1, 5, split], rel=1e-6)
     assert strided_windows(10, 4, 3) == [(0, 4, 0), (3, 7, 1), (6, 10, 1)]
+    assert strided_windows(3, 16, 5) == [(0, 3, 0)]  # shorter than a window: one window
 
 
 def test_chat_predict_stops_at_the_end_of_turn(tmp_path, bpe_tokenizer):
@@ -363,6 +391,36 @@ def test_chat_predict_stops_at_the_end_of_turn(tmp_path, bpe_tokenizer):
     assert chat_out[1]["prompt"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert [(r["num_new_tokens"], r["text"]) for r in chat_out] == [(1, ""), (1, "")]  # stopped at <|im_end|>
     assert outputs["plain.txt"][0]["num_new_tokens"] == 5  # a plain prompt does not stop there
+
+
+@needs_shared_data
+def test_chat_predict_stops_at_an_end_of_turn_of_several_tokens(tmp_path):
+    """ChatML on the GPT-2 tokenizer: <|im_end|> is 7 plain tokens, not a special one. A model trained to end
+    its answer with it stops there in predict (a stop string), and the text leaves it out."""
+    tok = load_tokenizer(GPT2_TOKENIZER)
+    tok.chat_template = CHATML
+    assert len(tok("<|im_end|>").input_ids) == 7
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    ids, labels = encode_chat(tok, chat, CHATML, True, "row 0")
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):  # learns the answer and its <|im_end|> (the labels' end) by heart
+        nll, n = causal_lm_nll(model, ids, labels)
+        (nll / n).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat[:1]}) + "\n")
+    module = CausalLMModule(
+        model_name_or_path=str(tmp_path / "model"),
+        predict_decodings=[{"preset": "greedy", "max_new_tokens": 20}],
+    )
+    dm = CausalLMDataModule(tokenizer=tok, prompts_file=str(tmp_path / "chat.jsonl"))
+    [[out]] = quiet_trainer(tmp_path).predict(module, dm)
+    answer = tok("Hello there<|im_end|>", add_special_tokens=False).input_ids
+    assert (out["text"], out["num_new_tokens"]) == ("Hello there", len(answer))  # not 20 tokens
 
 
 def test_sft_recipe_lowers_the_completion_perplexity(tmp_path, bpe_tokenizer_path, monkeypatch):

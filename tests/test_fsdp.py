@@ -103,7 +103,7 @@ def test_fsdp2_recipe_clips_resumes_exactly_and_exports_on_cpu(
     GPT2LMHeadModel(config).save_pretrained(pretrained)
     tokenizer.save_pretrained(pretrained)
     (tmp_path / "train.txt").write_text("".join(doc_texts[:12]))  # ~30 blocks: crosses an epoch by 2N
-    (tmp_path / "valid.txt").write_text("".join(doc_texts[500:504]))
+    (tmp_path / "valid.txt").write_text("".join(doc_texts[500:503]))  # 5 blocks: padding on both ranks
     (tmp_path / "recorder.py").write_text(textwrap.dedent(RECORDER))
     files = json.dumps({"train": "train.txt", "validation": "valid.txt"})
     cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true"]
@@ -112,6 +112,7 @@ def test_fsdp2_recipe_clips_resumes_exactly_and_exports_on_cpu(
         "--data.dataset_name=null", "--data.dataset_config_name=null", f"--data.data_files={files}",
         "--data.block_size=32", "--data.batch_size=2", "--data.eval_batch_size=2", "--data.num_workers=0",
         "--data.cache_dir=cache", "--model.learning_rate=3e-3", "--model.warmup_ratio=0.3",
+        "--data.eos_between_texts=true", "--data.document_masking=true",
         "--trainer.enable_progress_bar=false", "--trainer.strategy.init_args.timeout_minutes=2",
         f"--trainer.max_steps={2 * N}", f"--trainer.val_check_interval={2 * N}",
         f"--last_checkpoint.every_n_train_steps={N}", "--last_checkpoint.save_top_k=-1",
@@ -159,18 +160,21 @@ def test_fsdp2_recipe_clips_resumes_exactly_and_exports_on_cpu(
     with torch.no_grad():
         assert torch.equal(exported(x).logits, from_folder(x).logits)
 
-    # The sharded validation at step 2N (padding blocks on the short rank) equals one process's.
+    # The sharded validation at step 2N equals one process's: 5 document-masked blocks in batches of 2, so
+    # rank 0 has blocks 0, 2, 4 and a padding block, rank 1 blocks 1, 3 and two (labels -100: never scored).
     sharded_ppl = again["perplexity"][-1]
     assert sharded_ppl == pytest.approx(record["perplexity"][-1], rel=1e-6)
     data = CausalLMDataModule(
         tokenizer=str(pretrained), data_files={"train": "train.txt", "validation": "valid.txt"},
-        block_size=32, eval_batch_size=2, cache_dir=str(tmp_path / "cache"),
+        block_size=32, eval_batch_size=2, cache_dir=str(tmp_path / "cache"), eos_between_texts=True,
+        document_masking=True,
     )  # fmt: skip
     module = CausalLMModule(model_name_or_path=str(tmp_path / "hf_straight"))
     monkeypatch.chdir(tmp_path)
     metrics = quiet_trainer(tmp_path).validate(module, data, verbose=False)[0]
     print(f"val/perplexity: sharded {sharded_ppl!r}, one process {metrics['val/perplexity']!r}")
-    assert metrics["val/perplexity"] == pytest.approx(sharded_ppl, rel=1e-5)
+    assert len(data.datasets["validation"]) == 5
+    assert metrics["val/perplexity"] == pytest.approx(sharded_ppl, rel=1e-6)
 
 
 def test_even_sampler_gives_each_block_once_and_every_rank_the_same_batches():

@@ -53,7 +53,7 @@ def test_fit_prints_a_summary_line_per_validation_and_files_follow_the_umask(run
     summaries = [line for line in (run / "fit.out").read_text().splitlines() if line.startswith("epoch ")]
     assert len(summaries) == 2, summaries  # after steps 3 and 6
     assert re.fullmatch(
-        r"epoch 0: val/perplexity [\d.]+ \(best [\d.]+\) \| \d+ s \| [\d,]+ tok/s", summaries[0]
+        r"epoch 0: val/perplexity [\d.]+ \(best [\d.]+\) \| \d+ s \| [\d,]+ real tok/s", summaries[0]
     )
     first, second = (float(line.split()[3]) for line in summaries)
     assert f"(best {min(first, second):.1f})" in summaries[1]

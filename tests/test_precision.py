@@ -195,6 +195,41 @@ def test_compile_runs_compiled_graphs_and_matches_eager():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compiled_loss_takes_every_length_without_recompiling():
+    """Fine-tuning batches change length almost every batch: 20 lengths (and two batch sizes), padded by the
+    data module's collator, run through one compiled graph of the chunked loss, never the recompile limit
+    (8: then dynamo falls back to eager), and give the eager loss and gradients."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list  # torch's own count of a code's graphs
+
+    from lm_lightning.data.examples import PadCollator
+    from lm_lightning.model import loss
+
+    torch.manual_seed(0)
+    tiny = dict(vocab_size=64, n_layer=1, n_embd=16, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(**tiny, **no_dropout))
+    g = torch.Generator().manual_seed(0)
+    for i, length in enumerate(range(12, 52, 2)):
+        rows = [torch.randint(1, 64, (length - 3 * j,), generator=g) for j in range(2 + i % 2)]
+        batch = PadCollator(0)([{"input_ids": r, "labels": r} for r in rows])
+        results = []
+        for compile in (False, True):
+            model.zero_grad()
+            nll, n, _ = loss.causal_lm_loss(
+                model, batch["input_ids"], batch["labels"], batch["attention_mask"], 8, compile=compile
+            )
+            (nll / n).backward()
+            grads = [model.lm_head.weight.grad.clone(), model.transformer.wpe.weight.grad.clone()]
+            results.append((nll.item(), grads))
+        (eager, eager_grads), (compiled, compiled_grads) = results
+        assert compiled == pytest.approx(eager, rel=1e-5)
+        for a, b in zip(eager_grads, compiled_grads, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    # A graph per length would be 8 (the recompile limit) by now. (The test above may have compiled the
+    # same graph: this model has its shapes.)
+    assert 1 <= len(_debug_get_cache_entry_list(loss._chunk_loss.__code__)) <= 3
+
+
 def test_which_trainer_limits_leave_the_length_unknown():
     assert not is_open_ended(None, -1)  # Lightning's default: 1000 epochs
     assert is_open_ended(-1, -1) and is_open_ended(None, -1, max_time="00:00:10:00")

@@ -16,16 +16,17 @@ from lm_lightning.data.formats import DataFormat
 from lm_lightning.data.loaders import map_style_loader
 from lm_lightning.data.packing import (
     CACHE_FORMAT_VERSION,
+    check_short_splits,
     default_cache_root,
     is_cached,
     read_block_cache,
     write_block_cache,
 )
 from lm_lightning.data.prompts import ChatPromptBatch, read_prompts, render_chat_prompts
-from lm_lightning.data.settings import check_data_settings
+from lm_lightning.data.settings import DataSettings, check_data_settings
 from lm_lightning.data.sources import TextSource, fingerprint, hold_out_validation
 from lm_lightning.data.streaming import StreamingBlocks, stateful_loader
-from lm_lightning.data.strided import StridedWindows, blocks_to_stream
+from lm_lightning.data.strided import StridedWindows, split_stream
 from lm_lightning.data.tokenizer import (
     cached_bpe_tokenizer,
     load_tokenizer,
@@ -91,6 +92,8 @@ class CausalLMDataModule(L.LightningDataModule):
         document_masking: Raw text: attention only inside each EOS-separated text (``eos_between_texts``).
         eval_stride: Evaluate by windows of ``block_size`` every ``eval_stride`` tokens, only the tokens new
             to each scored (``lm_lightning.data.strided``); default: disjoint blocks. Text only.
+        skip_empty: Skip the rows whose text is null (or not a string), counted in the log; default: fail,
+            naming the first such row.
     """
 
     def __init__(
@@ -123,8 +126,10 @@ class CausalLMDataModule(L.LightningDataModule):
         packing: bool = False,
         document_masking: bool = False,
         eval_stride: int | None = None,
+        skip_empty: bool = False,
     ) -> None:
         super().__init__()
+        self.settings = DataSettings.of(locals())  # the cache key is made of these (see DataSettings)
         formats.check_format_settings(
             format, streaming, eos_between_texts, document_masking, eval_stride, block_size
         )
@@ -175,6 +180,8 @@ class CausalLMDataModule(L.LightningDataModule):
         self.packing = packing
         self.document_masking = document_masking
         self.eval_stride = eval_stride
+        self.skip_empty = skip_empty
+        self.tails: dict[str, Any] = {}  # per text split, its tokens after the last full block
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._tokenizer_path: str | None = tokenizer if isinstance(tokenizer, str) else None
         self.datasets: dict[str, Dataset] = {}
@@ -196,7 +203,7 @@ class CausalLMDataModule(L.LightningDataModule):
         raw = self.source.load(streaming=self.streaming)
         if "train" not in raw and not self.streaming:
             raise ValueError(f"The data source has no 'train' split; its splits are {list(raw)}.")
-        self.data_format = formats.resolve_format(raw, self.text_column, self.format_setting)
+        self.data_format = formats.resolve_format(raw, self.text_column, self.format_setting, self.skip_empty)
         formats.check_text_only(self.data_format, self.streaming, self.document_masking, self.eval_stride)
         if self.data_format != "text":
             self._held_out = "validation" not in raw
@@ -270,7 +277,8 @@ class CausalLMDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- cache
     def _cache_path(self) -> Path:
-        """The cache folder of this module's blocks, keyed by the source, the tokenizer and the packing.
+        """The cache folder of this module's blocks, keyed by the source, the tokenizer and every setting that
+        changes the cached rows (``DataSettings.key``).
 
         Local files are keyed by path, size and modification time (what ``datasets`` keys them by) and a
         tokenizer folder by its files' bytes, so a warm start reads neither the texts nor the tokenizer.
@@ -280,33 +288,19 @@ class CausalLMDataModule(L.LightningDataModule):
         if self.cache_path is None:
             source: Any = self.source.files_fingerprint()
             if source is None:
-                self._raw = self.load_raw()
+                self._raw = self.load_raw()  # fingerprinted after the hold-out of validation rows
                 source = {split: ds._fingerprint for split, ds in self._raw.items()}
-            elif "validation" not in self.source.data_files:  # the held-out rows depend on these
-                source = [source, self.validation_split_percentage, self.seed]
             if isinstance(self.tokenizer_spec, str) and os.path.isdir(self.tokenizer_spec):
                 tokenizer_key = tokenizer_files_fingerprint(self.tokenizer_spec)
             else:
                 tokenizer_key = tokenizer_fingerprint(self.tokenizer)
-            key = fingerprint(
-                [
-                    CACHE_FORMAT_VERSION,
-                    source,
-                    tokenizer_key,
-                    self.text_column,
-                    self.block_size,
-                    self.eos_between_texts,
-                    # With several processes each packs its own shard and drops its own partial block.
-                    self.num_proc,
-                ]
-                # Fine-tuning settings, when any is not the default (a text cache keeps the key it had).
-                + ([] if self._example_key() == ["auto", True, None, False] else [self._example_key()])
+            held_out = self.source.data_files is not None and "validation" not in self.source.data_files
+            settings = self.settings.key(
+                held_out, block_size=self.block_size, chat_template=self.chat_template, num_proc=self.num_proc
             )
+            key = fingerprint([CACHE_FORMAT_VERSION, source, tokenizer_key, settings])
             self.cache_path = self.cache_root / "blocks" / key
         return self.cache_path
-
-    def _example_key(self) -> list:
-        return [self.format_setting, self.completion_only_loss, self.chat_template, self.packing]
 
     def prepare_data(self) -> None:
         """Tokenize and pack every split into the on-disk cache, unless it is there already."""
@@ -333,6 +327,8 @@ class CausalLMDataModule(L.LightningDataModule):
             eos_between_texts=self.eos_between_texts,
             map_batch_size=self.map_batch_size,
             num_proc=self.num_proc,
+            skip_empty=self.skip_empty,
+            short_ok=frozenset({"validation", "test"} if self.eval_stride else ()),  # one window will do
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -343,7 +339,8 @@ class CausalLMDataModule(L.LightningDataModule):
         if not is_cached(path):
             self.prepare_data()
         self._raw = None
-        self.datasets, self.data_format = read_block_cache(path)
+        self.datasets, self.data_format, self.tails = read_block_cache(path)
+        check_short_splits(self.datasets, self.tails, self.block_size, strided=bool(self.eval_stride))
         formats.check_text_only(self.data_format, self.streaming, self.document_masking, self.eval_stride)
         if self.streaming:
             self.train_texts = self.source.stream_train()
@@ -371,7 +368,8 @@ class CausalLMDataModule(L.LightningDataModule):
             raise ValueError(f"The data source has no {split!r} split; it has {list(self.datasets)}.")
         dataset, collate_fn = self.datasets[split], self._collate_fn()
         if self.eval_stride and not shuffle:
-            dataset = StridedWindows(blocks_to_stream(dataset), self.block_size, self.eval_stride)
+            stream = split_stream(dataset, self.tails[split])
+            dataset = StridedWindows(stream, self.block_size, self.eval_stride)
             collate_fn = examples.PadCollator(self.tokenizer.pad_token_id or 0)
         return map_style_loader(
             dataset,
@@ -388,9 +386,9 @@ class CausalLMDataModule(L.LightningDataModule):
         """Examples padded per batch; raw-text blocks as they are, or with their documents kept apart."""
         if self.data_format not in (None, "text"):
             return examples.PadCollator(self.tokenizer.pad_token_id or 0)
-        return (
-            examples.DocumentMaskingCollator(self.tokenizer.eos_token_id) if self.document_masking else None
-        )
+        if self.document_masking:
+            return examples.DocumentMaskingCollator(self.tokenizer.eos_token_id)
+        return examples.BlockCollator()
 
     def _streaming_loader(self) -> DataLoader:
         if not self.datasets:
@@ -412,6 +410,7 @@ class CausalLMDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             seed=self.seed,
+            skip_empty=self.skip_empty,
         )
         return stateful_loader(
             blocks,
@@ -444,6 +443,6 @@ class CausalLMDataModule(L.LightningDataModule):
         prompts, collate_fn = self.prompts, list
         if not isinstance(prompts[0], str):  # chats, answered through the chat template
             template = formats.chat_template_of(self.tokenizer, self.chat_template)
-            prompts, stop_token_ids = render_chat_prompts(self.tokenizer, self.prompts, template)
-            collate_fn = ChatPromptBatch(stop_token_ids)
+            prompts, end_of_turn = render_chat_prompts(self.tokenizer, self.prompts, template)
+            collate_fn = ChatPromptBatch(end_of_turn)
         return DataLoader(prompts, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_fn)

@@ -193,8 +193,26 @@ def add_row_numbers(raw: DatasetDict) -> DatasetDict:
     return DatasetDict({split: ds.add_column(ROW_COLUMN, list(range(len(ds)))) for split, ds in raw.items()})
 
 
+# The batch key of its real tokens (not padding), counted by the collators on the host as a plain int: reading
+# it costs no device sync (progress bars, throughput). Lightning moves only tensors to the device.
+REAL_TOKENS = "num_real_tokens"
+
+
+def real_tokens(batch: Any) -> int:
+    """The real (non-padding) tokens of a batch: its collator's count, else all of its input ids."""
+    count = batch.get(REAL_TOKENS) if isinstance(batch, dict) else None
+    return int(count) if count is not None else int(batch["input_ids"].numel())
+
+
+def _counted(row: dict[str, Tensor], length: int) -> int:
+    """``length``, or 0 for a row the padding machinery added (``sampling.PaddedBlocks``: no target)."""
+    labels = row.get("labels")
+    return 0 if labels is not None and bool((torch.as_tensor(labels) == IGNORE_INDEX).all()) else length
+
+
 class PadCollator:
-    """Rows of different lengths -> a batch right-padded to the longest (labels -100 on the padding).
+    """Rows of different lengths -> a batch right-padded to the longest: labels -100 and ``attention_mask`` 0
+    on the padding (the mask also keeps the padding out of a mixture of experts' router loss).
 
     Position ids, when the rows have them (packed), go on over the padding from the row's last example,
     which the padding then joins: causal attention keeps it out of every real token's view.
@@ -203,45 +221,66 @@ class PadCollator:
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
-    def __call__(self, rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def __call__(self, rows: list[dict[str, Tensor]]) -> dict[str, Any]:
         length = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
         positions = "position_ids" in rows[0]
         pos = torch.zeros((len(rows), length), dtype=torch.long)
+        real = 0
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             ids[i, :n] = row["input_ids"]
             labels[i, :n] = row["labels"]
+            mask[i, :n] = 1
+            real += _counted(row, n)
             if positions:
                 pos[i, :n] = row["position_ids"]
                 pos[i, n:] = pos[i, n - 1] + 1 + torch.arange(length - n)
-        batch = {"input_ids": ids, "labels": labels}
+        batch: dict[str, Any] = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         if positions:
             batch["position_ids"] = pos
+        batch[REAL_TOKENS] = real
         return batch
 
 
-class DocumentMaskingCollator:
+class BlockCollator:
+    """Raw-text blocks (all of one length) -> a batch; ``labels`` kept when the rows have them (the padding
+    blocks of ``sampling.PaddedBlocks``: all -100)."""
+
+    def __call__(self, rows: list[dict[str, Tensor]]) -> dict[str, Any]:
+        ids = torch.stack([torch.as_tensor(r["input_ids"]) for r in rows]).long()
+        batch: dict[str, Any] = {"input_ids": ids}
+        if "labels" in rows[0]:
+            batch["labels"] = torch.stack([torch.as_tensor(r["labels"]) for r in rows]).long()
+        batch[REAL_TOKENS] = sum(_counted(row, ids.shape[1]) for row in rows)
+        return batch
+
+
+class DocumentMaskingCollator(BlockCollator):
     """Raw-text blocks -> a batch where each EOS-separated document attends only to itself.
 
     Position ids restart after each EOS and the first token of each document is not a target, as for packed
-    examples; computed per batch from the cached blocks, so the cache is the same with or without it.
+    examples; computed per batch from the cached blocks, so the cache is the same with or without it. Labels
+    that arrive with the rows are kept (a padding block's -100s): the document starts are masked on top.
     """
 
     def __init__(self, eos_token_id: int) -> None:
         self.eos_token_id = eos_token_id
 
-    def __call__(self, rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        ids = torch.stack([r["input_ids"] for r in rows]).long()
-        return {"input_ids": ids, **document_positions(ids, self.eos_token_id)}
+    def __call__(self, rows: list[dict[str, Tensor]]) -> dict[str, Any]:
+        batch = super().__call__(rows)
+        return {**batch, **document_positions(batch["input_ids"], self.eos_token_id, batch.get("labels"))}
 
 
-def document_positions(ids: Tensor, eos_token_id: int) -> dict[str, Tensor]:
-    """``labels`` and ``position_ids`` of blocks whose documents end with ``eos_token_id``."""
+def document_positions(ids: Tensor, eos_token_id: int, labels: Tensor | None = None) -> dict[str, Tensor]:
+    """``labels`` (default: the ids) with each document's first token masked, and ``position_ids`` that
+    restart after each ``eos_token_id``."""
     start = torch.zeros_like(ids, dtype=torch.bool)
     start[:, 0] = True
     start[:, 1:] = ids[:, :-1] == eos_token_id
     index = torch.arange(ids.shape[1]).expand_as(ids)
     segment_start = torch.cummax(torch.where(start, index, 0), dim=1).values
-    return {"labels": ids.masked_fill(start, IGNORE_INDEX), "position_ids": index - segment_start}
+    labels = ids if labels is None else labels
+    return {"labels": labels.masked_fill(start, IGNORE_INDEX), "position_ids": index - segment_start}

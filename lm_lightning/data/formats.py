@@ -13,11 +13,14 @@ Each bad row raises a ``ValueError`` that names its split and row.
 
 from __future__ import annotations
 
+import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from datasets import DatasetDict
+import numpy as np
+from datasets import Dataset, DatasetDict, Json
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -32,6 +35,13 @@ ROW_COLUMN = "__row__"
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 NO_TARGET = 2**31 - 1  # ``first_target`` of an example with no target token
 _SENTINEL = "\x00END-OF-TURN-PROBE\x00"
+
+log = logging.getLogger(__name__)
+
+
+def row_name(split: str, row: int) -> str:
+    """How an error names a row of the source: ``The 'train' split, row 3 (counting from 0)``."""
+    return f"The {split!r} split, row {row} (counting from 0)"
 
 
 def detect_format(columns: list[str], text_column: str, data_format: str, split: str) -> str:
@@ -122,8 +132,9 @@ def check_streamed_format(texts: Any, text_column: str, data_format: str) -> Non
         )
 
 
-def resolve_format(raw: DatasetDict, text_column: str, data_format: str) -> str:
-    """The one format of every split of ``raw`` (text columns checked to hold strings)."""
+def resolve_format(raw: DatasetDict, text_column: str, data_format: str, skip_empty: bool = False) -> str:
+    """The one format of every split of ``raw`` (text columns checked to hold strings: a null value raises,
+    naming its row, unless ``skip_empty``)."""
     found = {
         split: detect_format(ds.column_names, text_column, data_format, split) for split, ds in raw.items()
     }
@@ -132,8 +143,34 @@ def resolve_format(raw: DatasetDict, text_column: str, data_format: str) -> str:
     data_format = next(iter(found.values()), "text" if data_format == "auto" else data_format)
     if data_format == "text":
         for split, ds in raw.items():
-            check_text_column(ds, text_column, split)
+            if not isinstance(ds.features.get(text_column), Json):  # Json: mixed types, checked by value
+                check_text_column(ds, text_column, split)
+            check_text_values(ds, text_column, split, skip_empty)
     return data_format
+
+
+def check_text_values(ds: Dataset, text_column: str, split: str, skip_empty: bool) -> int:
+    """How many values of the text column are null or not strings; unless ``skip_empty``, the first of them
+    raises, naming its row. Before any tokenizing: null values are counted from Arrow's validity bitmaps."""
+    if isinstance(ds.features[text_column], Json):  # values of several types (a JSON file's numbers...)
+        bad = [i for i, text in enumerate(ds[text_column]) if not isinstance(text, str)]
+    else:
+        column = ds.with_format("arrow")[text_column]
+        nulls = column.is_null().to_numpy(zero_copy_only=False) if column.null_count else []
+        bad = [int(i) for i in np.flatnonzero(nulls)]
+    if bad and not skip_empty:
+        value = ds[bad[0]][text_column]
+        shown = "null" if value is None else f"{value!r:.40} ({type(value).__name__})"
+        raise ValueError(
+            f"{row_name(split, bad[0])}: text_column={text_column!r} holds {shown}, not a string; "
+            f"{len(bad)} such row(s) in the split. Fix the data, or set --data.skip_empty true to skip them."
+        )
+    if bad:
+        log.warning(
+            f"{split}: {len(bad)} row(s) whose {text_column!r} is null or not a string skipped "
+            "(--data.skip_empty)."
+        )
+    return len(bad)
 
 
 def read_chat_template(path: str | None) -> str | None:
@@ -290,7 +327,7 @@ class ExampleEncoder:
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "first_target": []}
         for j, row in enumerate(batch[ROW_COLUMN]):
-            where = f"The {self.source_split!r} split, row {row} (counting from 0)"
+            where = row_name(self.source_split, row)
             if self.data_format == "prompt_completion":
                 ids, labels = encode_prompt_completion(
                     self.tokenizer,
@@ -310,16 +347,30 @@ class ExampleEncoder:
         return out
 
 
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
-    """The tokens that end an assistant turn: the special token the template writes right after an assistant
-    message (found by rendering a probe message), and the tokenizer's EOS."""
+@dataclass(frozen=True)
+class EndOfTurn:
+    """What ends an assistant turn in generation: token ids (a special token such as ``<|im_end|>``, EOS) and
+    stop strings (an end-of-turn text of several tokens, e.g. ``<|im_end|>`` on a tokenizer that does not
+    have it as a token)."""
+
+    token_ids: list[int]
+    strings: list[str]
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase, template: str) -> EndOfTurn:
+    """What the template writes right after an assistant message (found by rendering a probe message): its
+    first line, as a token id when it is one token or starts with a special one, else as a stop string; and
+    the tokenizer's EOS."""
     messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
     text = render_chat(tokenizer, messages, template, "The end-of-turn probe")
-    after = text[text.index(_SENTINEL) + len(_SENTINEL) :].lstrip()
-    ids = []
-    first = tokenizer(after, add_special_tokens=False).input_ids[:1] if after else []
-    if first and first[0] in tokenizer.added_tokens_decoder:  # a special token such as <|im_end|>
-        ids.append(first[0])
+    after = text[text.index(_SENTINEL) + len(_SENTINEL) :].strip()
+    marker = after.splitlines()[0].strip() if after else ""
+    ids, strings = [], []
+    marker_ids = tokenizer(marker, add_special_tokens=False).input_ids if marker else []
+    if len(marker_ids) == 1 or marker_ids[:1] and marker_ids[0] in tokenizer.added_tokens_decoder:
+        ids.append(marker_ids[0])  # a token of its own: a special token such as <|im_end|>
+    elif marker_ids:
+        strings.append(marker)  # several tokens: transformers' StopStringCriteria finds them
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
-    return ids
+    return EndOfTurn(ids, strings)

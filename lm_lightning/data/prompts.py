@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lm_lightning.data.formats import check_messages, end_of_turn_ids, render_chat
+from lm_lightning.data.formats import EndOfTurn, check_messages, end_of_turn, render_chat
 
 
 def read_prompts(path: str | Path) -> list[str] | list[list[dict[str, Any]]]:
@@ -56,21 +56,22 @@ def _chat_prompt(messages: Any, where: str) -> list[dict[str, Any]]:
 
 def render_chat_prompts(
     tokenizer: PreTrainedTokenizerBase, chats: list[list[dict[str, Any]]], template: str
-) -> tuple[list[str], list[int]]:
-    """Chats rendered with the generation prompt (the assistant's turn opened), and the end-of-turn ids."""
+) -> tuple[list[str], EndOfTurn]:
+    """Chats rendered with the generation prompt (the assistant's turn opened), and their end of turn."""
     texts = [
         render_chat(tokenizer, chat, template, f"Chat prompt {i}", add_generation_prompt=True)
         for i, chat in enumerate(chats)
     ]
-    return texts, end_of_turn_ids(tokenizer, template)
+    return texts, end_of_turn(tokenizer, template)
 
 
 class ChatPromptBatch:
     """Collates rendered chat prompts for ``predict``: already holding the template's special tokens, they are
     tokenized without adding any, and generation stops at the template's end of turn."""
 
-    def __init__(self, stop_token_ids: list[int]) -> None:
-        self.stop_token_ids = stop_token_ids
+    def __init__(self, end: EndOfTurn) -> None:
+        self.end = end
 
     def __call__(self, prompts: list[str]) -> dict[str, Any]:
-        return {"prompts": prompts, "add_special_tokens": False, "stop_token_ids": self.stop_token_ids}
+        stops = {"stop_token_ids": self.end.token_ids, "stop_strings": self.end.strings}
+        return {"prompts": prompts, "add_special_tokens": False, **stops}

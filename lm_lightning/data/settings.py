@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -43,3 +44,68 @@ def check_data_settings(
             "with a given tokenizer; in-memory datasets, built-in corpora and a tokenizer trained on the "
             "train split need the whole split: set --data.streaming false."
         )
+
+
+# What each data setting changes, for the cache key (``DataSettings.key``).
+ROWS = "rows"  # the cached rows: part of the key
+READ = "read"  # how the same cached rows are batched, evaluated or found: not part of the key
+SOURCE = "source"  # the source, keyed by its files' or datasets' own fingerprint
+TOKENIZER = "tokenizer"  # keyed by the tokenizer's own fingerprint
+HOLD_OUT = "hold_out"  # part of the key when the validation rows are held out of local train files
+
+
+def _setting(default: Any, effect: str = ROWS) -> Any:
+    return field(default=default, metadata={"effect": effect})
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Every argument of ``CausalLMDataModule``, each marked with what it changes.
+
+    The cache key is made of every setting marked ``ROWS`` (the default), so a new setting is in the key
+    unless it is declared to leave the cached rows alone (tests/test_data.py checks that each argument of
+    the data module is here).
+    """
+
+    tokenizer: Any = _setting(None, TOKENIZER)
+    dataset_name: str | None = _setting(None, SOURCE)
+    dataset_config_name: str | None = _setting(None, SOURCE)
+    data_files: Any = _setting(None, SOURCE)
+    corpus: str | None = _setting(None, SOURCE)
+    dataset: Any = _setting(None, SOURCE)
+    text_column: str = _setting("text")
+    block_size: int | None = _setting(None)
+    validation_split_percentage: float = _setting(5.0, HOLD_OUT)
+    eos_between_texts: bool = _setting(False)
+    train_tokenizer_vocab_size: int | None = _setting(None, TOKENIZER)
+    batch_size: int = _setting(8, READ)
+    eval_batch_size: int | None = _setting(None, READ)
+    num_workers: int = _setting(0, READ)
+    pin_memory: bool | None = _setting(None, READ)
+    num_proc: int | None = _setting(None)  # fine-tuning examples are packed per process shard
+    map_batch_size: int = _setting(1000)  # ... and per map batch (best-fit decreasing)
+    cache_dir: str | None = _setting(None, READ)
+    seed: int = _setting(42, HOLD_OUT)
+    prompts: list[str] | None = _setting(None, READ)
+    prompts_file: str | None = _setting(None, READ)
+    streaming: bool = _setting(False)  # the train split is then not cached
+    format: str = _setting("auto")
+    completion_only_loss: bool = _setting(True)
+    chat_template: str | None = _setting(None)  # keyed by the template's text, not its path
+    packing: bool = _setting(False)
+    document_masking: bool = _setting(False, READ)  # labels and positions made per batch
+    eval_stride: int | None = _setting(None, READ)  # windows made from the cached stream
+    skip_empty: bool = _setting(False)
+
+    @classmethod
+    def of(cls, arguments: dict[str, Any]) -> DataSettings:
+        """The settings among ``arguments`` (a data module's ``locals()`` in its ``__init__``)."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
+
+    def key(self, held_out: bool, **resolved: Any) -> dict[str, Any]:
+        """The settings that change the cached rows, by name; ``resolved`` values replace the given ones
+        (the block size taken from the tokenizer, the chat template's text). ``held_out``: the validation
+        rows are held out of the train split, so the seed and share that choose them count too."""
+        effects = (ROWS, HOLD_OUT) if held_out else (ROWS,)
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["effect"] in effects}
+        return {**values, **{k: v for k, v in resolved.items() if k in values}}

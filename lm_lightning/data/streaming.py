@@ -53,6 +53,7 @@ class StreamingBlocks(IterableDataset):
         world_size: Number of processes (DDP ranks).
         seed: Seed of the per-pass shard order.
         passes: Passes over the corpus; ``None`` repeats without end (training).
+        skip_empty: Skip texts that are null (not strings) instead of failing.
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class StreamingBlocks(IterableDataset):
         world_size: int = 1,
         seed: int = 42,
         passes: int | None = None,
+        skip_empty: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -87,6 +89,7 @@ class StreamingBlocks(IterableDataset):
         self.world_size = world_size
         self.seed = seed
         self.passes = passes
+        self.skip_empty = skip_empty
         self._state: dict[str, Any] | None = None
         self._resume: dict[str, Any] | None = None
 
@@ -114,7 +117,9 @@ class StreamingBlocks(IterableDataset):
                 "lower --data.num_workers.",
                 stacklevel=2,
             )
-        packer = BlockPacker(self.tokenizer, self.text_column, self.block_size, self.eos_between_texts)
+        packer = BlockPacker(
+            self.tokenizer, self.text_column, self.block_size, self.eos_between_texts, self.skip_empty
+        )
         start = self._resume or {"pass": 0, "shard": 0, "source": None, "carry": [], "given": 0}
         self._resume = None
         pass_index = start["pass"]

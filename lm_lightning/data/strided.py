@@ -58,6 +58,7 @@ class StridedWindows(Dataset):
         return {"input_ids": ids, "labels": labels}
 
 
-def blocks_to_stream(blocks: Dataset) -> Tensor:
-    """The concatenated token stream of a split's cached blocks."""
-    return torch.as_tensor(blocks[:]["input_ids"]).reshape(-1)
+def split_stream(blocks: Dataset, tail: Tensor) -> Tensor:
+    """A split's whole token stream: its cached blocks, concatenated, and the tail after the last one."""
+    ids = [torch.as_tensor(blocks[:]["input_ids"]).reshape(-1)] if len(blocks) else []
+    return torch.cat([*ids, tail.to(torch.int32)])

@@ -227,6 +227,7 @@ def generate_texts(
     progress: bool = False,
     add_special_tokens: bool = True,
     stop_token_ids: Sequence[int] | None = None,
+    stop_strings: Sequence[str] | None = None,
 ) -> list[GeneratedText]:
     """Continuations of each prompt by ``model.generate``, ``num_return_sequences`` each, in prompt order.
 
@@ -234,7 +235,8 @@ def generate_texts(
     one prompt at a time. With a ``seed``, sampling is reproducible for the same prompts and batch size, and
     the caller's random state is left as it was. The model's train/eval modes and the tokenizer are left as
     they were. Prompts rendered by a chat template already hold their special tokens: tokenize them with
-    ``add_special_tokens=False`` and stop at the template's end of turn (``stop_token_ids``).
+    ``add_special_tokens=False`` and stop at the template's end of turn (``stop_token_ids``, and
+    ``stop_strings`` for an end of turn of several tokens: it is cut from the text, counted in the tokens).
     """
     if isinstance(prompts, str):
         raise TypeError(f"prompts={prompts!r} is a string: give a list of prompts.")
@@ -281,17 +283,20 @@ def generate_texts(
                 dataclasses.replace(decoding, max_length=None, max_new_tokens=new_tokens), tokenizer, model
             )
             config.eos_token_id = _merge_ids(config.eos_token_id, list(stop_token_ids or []))
+            strings = {"tokenizer": tokenizer} if stop_strings else {}  # StopStringCriteria needs it
+            config.stop_strings = list(stop_strings) if stop_strings else config.stop_strings
             with _seeded(decoding.seed, model.device):
                 output = model.generate(
                     input_ids=inputs["input_ids"].to(model.device),
                     attention_mask=inputs["attention_mask"].to(model.device),
                     generation_config=config,
+                    **strings,
                 )
             new_ids = output[:, prompt_length:].cpu()  # (batch * num_return_sequences, new)
             counts = _continuation_lengths(new_ids, config.eos_token_id or [])
             for row, (ids, count) in enumerate(zip(new_ids, counts, strict=True)):
                 i, index = indices[row // decoding.num_return_sequences], row % decoding.num_return_sequences
-                text = tokenizer.decode(ids[:count], skip_special_tokens=True)
+                count, text = _cut_at_stop_string(tokenizer, ids[:count], stop_strings or [])
                 results[i].append(GeneratedText(prompts[i], name, index, text, count))
     return [result for per_prompt in results for result in per_prompt]
 
@@ -320,6 +325,25 @@ def _continuation_lengths(new_ids: torch.Tensor, eos_ids: list[int]) -> list[int
     is_eos = torch.isin(new_ids, torch.tensor(eos_ids, dtype=new_ids.dtype))
     first_eos = is_eos.int().argmax(dim=1)
     return torch.where(is_eos.any(dim=1), first_eos + 1, new_ids.shape[1]).tolist()
+
+
+def _cut_at_stop_string(
+    tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, stop_strings: Sequence[str]
+) -> tuple[int, str]:
+    """The tokens up to the one that completes the first stop string (all of them if none does), and their
+    text without the stop string. A row that stopped there was padded after it, in a batch that went on."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if not any(s in text for s in stop_strings):
+        return len(ids), text
+    low, high = 1, len(ids)  # the shortest prefix whose text holds a stop string: it only grows
+    while low < high:
+        middle = (low + high) // 2
+        if any(s in tokenizer.decode(ids[:middle], skip_special_tokens=True) for s in stop_strings):
+            high = middle
+        else:
+            low = middle + 1
+    text = tokenizer.decode(ids[:low], skip_special_tokens=True)
+    return low, text[: min(text.index(s) for s in stop_strings if s in text)]
 
 
 def _merge_ids(ids: int | list[int] | None, more: int | list[int] | None) -> list[int] | None:

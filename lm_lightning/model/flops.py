@@ -17,6 +17,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from lm_lightning.data.examples import real_tokens
+
 
 def matmul_params(model: nn.Module) -> int:
     """Parameters that multiply activations: the weights of linear layers, the LM head included.
@@ -62,7 +64,8 @@ def training_flops_per_batch(
 
 
 class LMThroughputMonitor(ThroughputMonitor):
-    """Logs ``train/tokens_per_sec`` (items), ``samples_per_sec``, FLOPs/s and ``device/mfu``.
+    """Logs ``train/tokens_per_sec`` (items: real tokens, padding excluded), ``samples_per_sec``, FLOPs/s and
+    ``device/mfu`` (of the FLOPs computed, padding included).
 
     Lightning's ``ThroughputMonitor`` (timings after ``cuda.synchronize``), reading the module's
     ``flops_per_batch`` (``CausalLMModule`` computes it with :func:`training_flops_per_batch`).
@@ -116,4 +119,4 @@ def _batch_size(batch: Any) -> int:
 
 
 def _num_tokens(batch: Any) -> int:
-    return batch["input_ids"].numel()
+    return real_tokens(batch)

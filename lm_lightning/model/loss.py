@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -104,17 +105,25 @@ def causal_lm_loss(
     compile: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``causal_lm_nll``'s two values and, with ``router_aux_loss`` on a mixture of experts, the model's own
-    load-balancing loss (``aux_loss`` of its forward with ``output_router_logits``; else ``None``).
-    ``compile``: the chunked head and loss run through ``torch.compile``."""
+    load-balancing loss (of its family's ``load_balancing_loss_func``, over the tokens ``attention_mask``
+    keeps: padding does not enter it; else ``None``). ``compile``: the chunked head and loss run through
+    ``torch.compile``.
+
+    With ``position_ids`` (packed rows), ``attention_mask`` only marks the padding after each row's last
+    example: it is not given to the model, which keeps attention inside each example from the position ids
+    alone (transformers reads them only without a 2-D mask); the padding comes after every real token.
+    """
     if labels is None:
         labels = input_ids
     if position_ids is not None and "flash" in str(getattr(model.config, "_attn_implementation", "")):
         input_ids, labels, position_ids = (x.reshape(1, -1) for x in (input_ids, labels, position_ids))
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
     targets = labels[:, 1:]
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
     n_targets = (targets != IGNORE_INDEX).sum()
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    model_mask = attention_mask if position_ids is None else None
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": model_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if router_aux_loss and has_router_aux_loss(model):
@@ -126,7 +135,7 @@ def causal_lm_loss(
         nll = F.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return nll, n_targets, getattr(out, "aux_loss", None)
+        return nll, n_targets, router_loss(model, out, attention_mask, model_mask)
 
     hf_model = unwrap_model(model)  # LoRA layers sit inside it: its base_model runs through them
     aux = None
@@ -143,7 +152,7 @@ def causal_lm_loss(
         ]
         hooks = [m.register_forward_hook(catch) for m in inner]
         try:
-            aux = model(**kwargs, logits_to_keep=1).aux_loss
+            aux = router_loss(model, model(**kwargs, logits_to_keep=1), attention_mask, model_mask)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -152,11 +161,26 @@ def causal_lm_loss(
         hidden = hf_model.base_model(**kwargs)[0]
     hidden = hidden[:, :-1]  # (B, T-1, C): the positions that have a target
     head = hf_model.get_output_embeddings()
-    head_nll = compiled_linear_cross_entropy() if compile else linear_cross_entropy
     rows = hidden.size(0) * chunk_size
     transform = head_transform(hf_model.config)
-    nll = head_nll(hidden.flatten(0, 1), head.weight, head.bias, targets.flatten(), rows, transform)
+    nll = linear_cross_entropy(
+        hidden.flatten(0, 1), head.weight, head.bias, targets.flatten(), rows, transform, compile
+    )
     return nll, n_targets, aux
+
+
+def router_loss(model: nn.Module, out: Any, mask: Tensor | None, model_mask: Tensor | None) -> Tensor | None:
+    """A mixture of experts' load-balancing loss over the tokens of ``mask``: the one the model computed
+    (``out.aux_loss``) when it was given that mask, else its family's ``load_balancing_loss_func`` (Mixtral,
+    Qwen-MoE, OLMoE... each define one, with ``num_experts`` and ``num_experts_per_tok`` on the model)."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None or mask is None or mask is model_mask:
+        return aux
+    hf_model = unwrap_model(model)
+    balancing = getattr(sys.modules[type(hf_model).__module__], "load_balancing_loss_func", None)
+    if balancing is None or getattr(out, "router_logits", None) is None:
+        return aux  # a family without the usual function: its own loss, padding included
+    return balancing(out.router_logits, hf_model.num_experts, hf_model.num_experts_per_tok, mask)
 
 
 def linear_cross_entropy(
@@ -166,29 +190,67 @@ def linear_cross_entropy(
     targets: Tensor,
     chunk_rows: int,
     transform: dict[str, float] | None = None,
+    compile: bool = False,
 ) -> Tensor:
-    """Summed ``cross_entropy(transform(hidden @ weight.T + bias), targets)``, ``chunk_rows`` rows a time."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, transform)
+    """Summed ``cross_entropy(transform(hidden @ weight.T + bias), targets)``, ``chunk_rows`` rows a time.
+
+    ``compile``: each chunk runs through one ``torch.compile`` graph (see :func:`compiled_chunk`).
+    """
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, transform, compile)
+
+
+def _chunk_loss(
+    h: Tensor,
+    t: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    transform: dict[str, float],
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """One chunk's summed loss and, as needed, its gradients for ``h`` (n, C), ``weight`` (in ``h``'s dtype)
+    and ``bias`` (float32). The gradient of the summed loss with respect to the logits is
+    ``softmax - one_hot``."""
+    logits = _apply_head_transform(F.linear(h, weight, bias).float(), transform)  # (n, V)
+    valid = t != IGNORE_INDEX
+    t = torch.where(valid, t, 0)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    loss = ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+    if not (need_hidden or need_weight or need_bias):
+        return loss, None, None, None
+    # tanh' = 1 - tanh^2, read before the logits are overwritten (soft-capped heads only).
+    capped = 1 - (logits / transform["softcap"]) ** 2 if "softcap" in transform else None
+    grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
+    grad_logits.scatter_add_(1, t[:, None], -valid[:, None].to(grad_logits.dtype))
+    grad_logits = _chain_head_transform(grad_logits.mul_(valid[:, None]), capped, transform)
+    grad_bias = grad_logits.sum(0) if need_bias else None  # float32
+    grad_logits = grad_logits.to(h.dtype)
+    grad_hidden = grad_logits @ weight if need_hidden else None
+    grad_weight = grad_logits.t() @ h if need_weight else None
+    return loss, grad_hidden, grad_weight, grad_bias
 
 
 @functools.cache
-def compiled_linear_cross_entropy() -> Callable[..., Tensor]:
-    """``linear_cross_entropy`` compiled with ``torch.compile``, made once per process.
+def compiled_chunk() -> Callable[..., Any]:
+    """:func:`_chunk_loss` compiled with ``torch.compile``, made once per process.
 
-    Dynamo traces the autograd.Function (its chunk loop unrolled, one graph per shape and grad mode, no
-    graph break), so each chunk's float32 softmax, logsumexp and gather are fused kernels.
+    Only the chunk is compiled, with its number of rows dynamic, and the loop over chunks stays in Python:
+    a graph of the whole loop would unroll it and so be specialised to the sequence length, and padded
+    fine-tuning batches change length almost every batch (transformers' own ``torch.compile`` advice is to
+    pad to a few lengths; here nothing is padded). One graph then serves every chunk of every length: one
+    for training, one for evaluation (and one for a chunk of a single row, a size dynamo specialises).
     """
-    return torch.compile(linear_cross_entropy)
+    return torch.compile(_chunk_loss)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of ``cross_entropy(hidden @ weight.T + bias, targets)``, ``chunk_rows`` rows at a time.
 
-    When gradients are needed they are computed in the forward pass, chunk by chunk (the gradient of the
-    summed loss with respect to the logits is ``softmax - one_hot``), so no chunk's float32 logits outlive
-    it: the ``(N, V)`` logits are neither materialised nor kept for the backward pass, in training as in
-    evaluation. The backward pass only scales the stored gradients. The same matmuls as the plain path
-    (the idea of Liger-Kernel's fused linear cross-entropy), with less memory traffic.
+    When gradients are needed they are computed in the forward pass, chunk by chunk, so no chunk's float32
+    logits outlive it: the ``(N, V)`` logits are neither materialised nor kept for the backward pass, in
+    training as in evaluation. The backward pass only scales the stored gradients. The same matmuls as the
+    plain path (the idea of Liger-Kernel's fused linear cross-entropy), with less memory traffic.
     """
 
     @staticmethod
@@ -200,6 +262,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: Tensor,
         chunk_rows: int,
         transform: dict[str, float] | None = None,
+        compile: bool = False,
     ) -> Tensor:
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -208,28 +271,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk = compiled_chunk() if compile else _chunk_loss
         for start in range(0, hidden.size(0), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, t = hidden[rows], targets[rows]  # (n, C), (n,)
-            logits = _apply_head_transform(F.linear(h, weight, bias).float(), transform or {})  # (n, V)
-            valid = t != IGNORE_INDEX
-            t = torch.where(valid, t, 0)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
-            if need_hidden or need_weight or need_bias:
-                transform = transform or {}
-                # tanh' = 1 - tanh^2, read before the logits are overwritten (soft-capped heads only).
-                capped = 1 - (logits / transform["softcap"]) ** 2 if "softcap" in transform else None
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
-                grad_logits.scatter_add_(1, t[:, None], -valid[:, None].to(grad_logits.dtype))
-                grad_logits = _chain_head_transform(grad_logits.mul_(valid[:, None]), capped, transform)
-                if need_bias:
-                    grad_bias += grad_logits.sum(0)  # float32
-                grad_logits = grad_logits.to(h.dtype)
-                if need_hidden:
-                    grad_hidden[rows] = grad_logits @ weight
-                if need_weight:
-                    grad_weight += (grad_logits.t() @ h).float()
+            h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]  # (n, C), (n,)
+            if compile:  # one graph for every number of rows (the last chunk's, a smaller batch's)
+                torch._dynamo.maybe_mark_dynamic(h, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            loss, g_hidden, g_weight, g_bias = chunk(
+                h, t, weight, bias, transform or {}, need_hidden, need_weight, need_bias
+            )
+            total += loss
+            if need_hidden:
+                grad_hidden[start : start + chunk_rows] = g_hidden
+            if need_weight:
+                grad_weight += g_weight.float()
+            if need_bias:
+                grad_bias += g_bias
         ctx.needs = (need_hidden, need_weight, need_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
@@ -242,7 +299,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             (next(saved) * grad_total).to(dtype) if needed else None
             for needed, dtype in zip(ctx.needs, ctx.dtypes, strict=True)
         ]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _apply_head_transform(logits: Tensor, transform: dict[str, float]) -> Tensor:
