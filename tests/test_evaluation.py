@@ -97,7 +97,8 @@ def test_evaluate_cli_scores_the_local_task_and_a_users_task_on_the_last_checkpo
     assert results["lm_lightning"]["ckpt_path"] == "runs/tiny/version_0/checkpoints/last.ckpt"
     assert results["n-samples"]["python_docs_mc"] == {"original": 170, "effective": 6}
     assert results["n-samples"]["capitals"] == {"original": 3, "effective": 3}
-    for task, metrics in (("python_docs_mc", ("acc", "acc_norm")), ("capitals", ("acc",))):
+    local = ("acc", "acc_norm", "acc_mutual_info")
+    for task, metrics in (("python_docs_mc", local), ("capitals", ("acc",))):
         assert all(0 <= results["results"][task][f"{metric},none"] <= 1 for metric in metrics)
     # The harness's own table, printed: a row per task and metric, with the values of the JSON.
     header, _, *rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")]
@@ -108,7 +109,7 @@ def test_evaluate_cli_scores_the_local_task_and_a_users_task_on_the_last_checkpo
         cells = dict(zip(columns, (cell.strip() for cell in row), strict=False))
         task = cells["Tasks"] or task
         printed[task, cells["Metric"]] = float(cells["Value"])
-    assert set(printed) == {("python_docs_mc", "acc"), ("python_docs_mc", "acc_norm"), ("capitals", "acc")}
+    assert set(printed) == {("python_docs_mc", metric) for metric in local} | {("capitals", "acc")}
     for (task, metric), value in printed.items():
         assert value == pytest.approx(results["results"][task][f"{metric},none"], abs=1e-4)
 
@@ -190,7 +191,7 @@ def test_lora_checkpoint_evaluates_as_its_merged_export(tmp_path, monkeypatch, l
         assert run_cli(monkeypatch, "evaluate", *common, *args) == 0
     lora, merged, plain = (_samples_loglikelihoods(tmp_path / f"{n}.json", "python_docs_mc") for n in
                            ("lora", "merged", "base"))  # fmt: skip
-    assert len(lora) == 16  # 4 documents of 4 choices
+    assert len(lora) == 32  # 4 documents of 4 choices, given the question and alone (acc_mutual_info)
     # The adapters on their base in memory score every choice as the merged weights do ...
     assert lora == pytest.approx(merged, rel=1e-5)
     # ... and they count: the base model alone scores them otherwise.

@@ -87,10 +87,10 @@ def evaluate_checkpoint(
     out = _results_path(output_path, path, given.model_name_or_path)
     manager = task_manager(names, include_path)
     task_objects = load_tasks(manager, names)  # data sets read (or refused) before any weights are loaded
-    lm, tokenizer = _load_model(path, given)
+    hf_model, tokenizer = _load_model(path, given)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = run_harness(
-        lm.to(device),
+        hf_model.to(device),
         tokenizer,
         task_objects,
         manager,
