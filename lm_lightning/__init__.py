@@ -9,6 +9,8 @@ from lm_lightning.data.datamodule import CausalLMDataModule
 from lm_lightning.data.packing import BlockPacker
 from lm_lightning.data.streaming import StreamingBlocks
 from lm_lightning.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from lm_lightning.evaluation.callback import HarnessEvalCallback
+from lm_lightning.evaluation.command import evaluate_checkpoint
 from lm_lightning.generation.callback import TextGenerationCallback
 from lm_lightning.generation.decoding import (
     PRESETS,
@@ -40,6 +42,7 @@ __all__ = [
     "DecodingConfig",
     "FSDP2Strategy",
     "GeneratedText",
+    "HarnessEvalCallback",
     "JSONLPredictionWriter",
     "LMThroughputMonitor",
     "LoraSettings",
@@ -53,6 +56,7 @@ __all__ = [
     "causal_lm_nll",
     "cli_main",
     "draw_curves",
+    "evaluate_checkpoint",
     "export_checkpoint",
     "generate_texts",
     "load_tokenizer",

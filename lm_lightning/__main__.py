@@ -1,4 +1,4 @@
-"""Entry point: ``python -m lm_lightning {fit,validate,test,predict,export} ...``."""
+"""Entry point: ``python -m lm_lightning {fit,validate,test,predict,export,report,evaluate} ...``."""
 
 from lm_lightning.cli import main
 

@@ -218,6 +218,7 @@ SUBCOMMANDS = {
     "predict": "Continue prompts (--data.prompts or --data.prompts_file) into a JSONL file.",
     "export": "Turn a checkpoint into a Hugging Face folder: export --ckpt_path CKPT --output_dir DIR.",
     "report": "A table of a run's versions (perplexity, time, memory) and their curves: report runs/NAME.",
+    "evaluate": "Benchmark tasks (lm-evaluation-harness) on a checkpoint: --ckpt_path last --tasks T.",
 }
 HELP = "\n".join(
     [
@@ -248,6 +249,11 @@ def main(args: list[str] | None = None) -> None:
         from lm_lightning.report import report_main
 
         report_main(argv[1:])
+        return
+    if argv[0] == "evaluate":
+        from lm_lightning.evaluation.command import evaluate_main  # lm_eval is only imported when it runs
+
+        evaluate_main(argv[1:], prog=f"{PROG} evaluate")
         return
     cli_main(args)  # None: LightningCLI reads sys.argv itself (and warns when given both)
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from transformers import PreTrainedTokenizerBase
 
 from lm_lightning.data.tokenizer import find_tokenizer
 from lm_lightning.generation.decoding import DecodingConfig, GeneratedText, generate_texts, resolve_decodings
+from lm_lightning.model.parallel import check_whole_parameters
 
 _COLUMNS = ["epoch", "step", "preset", "index", "prompt", "text", "num_new_tokens"]
 
@@ -68,15 +68,7 @@ class TextGenerationCallback(L.Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        strategy = trainer.strategy
-        sharded = isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
-        sharded = sharded or getattr(strategy, "zero_stage_3", False)
-        if sharded and trainer.world_size > 1:
-            raise ValueError(
-                "TextGenerationCallback generates on the global-zero process alone, which cannot run a "
-                f"model whose parameters {type(strategy).__name__} shards across {trainer.world_size} "
-                "processes: remove the callback or use a strategy that keeps whole parameters (ddp)."
-            )
+        check_whole_parameters(trainer, "TextGenerationCallback generates")
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_steps is None and not trainer.sanity_checking:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -122,6 +123,20 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+def check_whole_parameters(trainer: Any, what: str) -> None:
+    """Refuse a strategy that shards parameters across processes, for ``what`` (``"X generates"``): a callback
+    that runs the whole model on the global-zero process alone, while the others go on."""
+    strategy = trainer.strategy
+    sharded = isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
+    sharded = sharded or getattr(strategy, "zero_stage_3", False)
+    if sharded and trainer.world_size > 1:
+        raise ValueError(
+            f"{what} on the global-zero process alone, which cannot run a model whose parameters "
+            f"{type(strategy).__name__} shards across {trainer.world_size} processes: remove the callback or "
+            "use a strategy that keeps whole parameters (ddp)."
+        )
 
 
 def is_sharded(model: nn.Module | None) -> bool:
