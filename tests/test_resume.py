@@ -239,6 +239,53 @@ def test_resume_after_any_stop_equals_a_straight_fit(
         )
 
 
+def test_a_stop_inside_an_accumulation_window_resumes_from_the_step_reached(tmp_path, bpe_tokenizer_path):
+    """What Lightning's Timer (max_time) does: ``should_stop`` after a micro-batch that is not a step's last.
+    The checkpoint written at the end of the fit records the step reached, with that step's random state;
+    the resumed fit trains the interrupted step again, whole (dropout on)."""
+    from steps_matrix import Samples, data_module, module, trainer
+
+    folder = write_data(tmp_path / "data")
+
+    class StopAfter(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 4:  # the first micro-batch of step 2
+                trainer.should_stop = True
+
+    def fit(name, *extra, ckpt_path=None):
+        L.seed_everything(0)
+        samples = Samples()
+        saver = ModelCheckpoint(dirpath=tmp_path / name, save_top_k=0, save_last=True)
+        run = trainer(tmp_path, 1, max_steps=4, accumulate_grad_batches=2, callbacks=[samples, saver, *extra],
+                      enable_checkpointing=True)  # fmt: skip
+        model = module("text", dropout=True)
+        run.fit(model, data_module(folder, bpe_tokenizer_path, "text", 2), ckpt_path=ckpt_path)
+        return model, samples.seen
+
+    straight, every = fit("straight")
+    _, first = fit("cut", StopAfter())
+    assert torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed, rest = fit("cut", ckpt_path=tmp_path / "cut" / "last.ckpt")
+    assert first[:4] + rest == every  # micro-batch 4 is trained again, in its whole step
+    diffs = [
+        (a - b).abs().max().item() for a, b in zip(straight.parameters(), resumed.parameters(), strict=True)
+    ]
+    assert max(diffs) < 1e-6
+
+
+def test_last_checkpoint_is_at_the_step_reached_after_an_earlier_one(tmp_path, bpe_tokenizer_path):
+    """ModelCheckpoint writes last.ckpt at the end of a fit only if it wrote none during the fit."""
+    from steps_matrix import data_module, module, trainer
+
+    folder = write_data(tmp_path / "data")
+    saver = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=0, save_last=True, every_n_train_steps=2)
+    run = trainer(
+        tmp_path, 1, max_steps=3, callbacks=[saver, CheckpointOnInterrupt()], enable_checkpointing=True
+    )
+    run.fit(module("text"), data_module(folder, bpe_tokenizer_path, "text", 4))
+    assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["global_step"] == 3  # not 2
+
+
 def test_a_longer_schedule_is_planned_again_from_the_step_reached(tmp_path, bpe_tokenizer_path):
     from steps_matrix import data_module, module, trainer
 

@@ -31,11 +31,13 @@ class StepBoundary:
 
     def __init__(self) -> None:
         self._state: dict[str, Any] | None = None
+        self._step = -1  # the optimizer step of the last boundary seen
 
     def capture(self, trainer: Any) -> None:
         """At the end of a micro-batch: keep the state if an optimizer step has just been made."""
-        if self._state is not None and self._state["step"] == trainer.global_step:
-            return
+        if trainer.global_step == self._step:
+            return  # inside an accumulation window, or already kept
+        self._step = trainer.global_step
         fit_loop = trainer.fit_loop
         progress = fit_loop.epoch_loop.batch_progress
         self._state = {
@@ -49,9 +51,9 @@ class StepBoundary:
             "rng": collect_rng_states(),
         }
 
-    def reset(self) -> None:
-        """Forget the boundary (a new fit)."""
-        self._state = None
+    def reset(self, trainer: Any) -> None:
+        """A fit starts at ``trainer.global_step``: the next boundary is the end of its first step."""
+        self._state, self._step = None, trainer.global_step
 
     def is_passed(self, trainer: Any) -> bool:
         """Whether training went past the last boundary without a new step: a micro-batch of the next

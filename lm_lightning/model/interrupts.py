@@ -28,12 +28,17 @@ class CheckpointOnInterrupt(L.Callback):
 
     With ``CausalLMModule`` the flag travels in the optimizer step's one collective
     (``lm_lightning.model.step``), so the check adds no sync; with another module it is reduced here.
+
+    A fit that ends after its last checkpoint (``max_steps`` or ``max_time`` between two periodic ones) gets
+    ``last.ckpt`` at the step reached too: ``ModelCheckpoint`` writes it at the end of a fit only when it has
+    written none during the fit, so ``--ckpt_path last`` would go on from an earlier step.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
         self._last_step = -1
+        self._saved_step: int | None = None  # the step of the newest checkpoint written in this fit
 
     @staticmethod
     def _signals() -> list[int]:
@@ -44,7 +49,7 @@ class CheckpointOnInterrupt(L.Callback):
         return signals
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.received, self._last_step = None, trainer.global_step
+        self.received, self._last_step, self._saved_step = None, trainer.global_step, trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         for signum in self._signals():
@@ -87,6 +92,16 @@ class CheckpointOnInterrupt(L.Callback):
             "--ckpt_path last."
         )
         raise SystemExit(128 + received)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._saved_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``last.ckpt`` at the step reached, if no checkpoint was written there (see the class doc)."""
+        callbacks = trainer.checkpoint_callbacks
+        keeps_last = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.save_last and c.dirpath]
+        if keeps_last and self._saved_step != trainer.global_step:
+            trainer.save_checkpoint(_last_checkpoint_path(trainer))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():

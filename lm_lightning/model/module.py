@@ -69,9 +69,11 @@ class CausalLMModule(ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule)
     and averaged over the step's micro-batches on all processes: ``train/loss + router_aux_loss_coef *
     train/aux_loss``. On one micro-batch this is transformers' objective; under accumulation or DDP,
     transformers 5.24's ``Trainer`` (``num_items_in_batch``, ``average_tokens_across_devices``) instead sums
-    ``router_aux_loss_coef * aux_loss`` over the micro-batches and processes, so its weight grows with their
-    number: not kept, since the update would then depend on the split. The perplexities are of the
-    next-token loss alone.
+    ``router_aux_loss_coef * aux_loss`` over the micro-batches and processes, so its weight against the
+    next-token loss grows with their number. Not kept: a load-balancing loss is a statistic of each
+    micro-batch's routing, so no weighting makes it independent of the split, and the mean at least keeps its
+    weight the same. The perplexities are of the next-token loss alone.
+
     Perplexity is ``exp(sum of token NLL / number of target tokens)`` over the whole split, summed
     across processes: a block of ``T`` tokens has ``T - 1`` targets (each token but the first), and
     labels of ``-100`` or positions with ``attention_mask == 0`` are not targets.

@@ -63,7 +63,7 @@ class ExactTraining:
         if math.isfinite(trainer.num_training_batches):
             check_epoch_fraction(trainer, int(trainer.num_training_batches))
         self.step_loss.reset()
-        self._boundary.reset()
+        self._boundary.reset(trainer)
         if self._saved_schedule is not None:
             replan_schedule(trainer, self._saved_schedule.get("planned_steps"), self._planned_steps)
             self._saved_schedule = None
