@@ -8,10 +8,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import quiet_trainer, run_cli, write_tiny_config
-from steps_matrix import counted_fit, data_module, first_gradient, module, write_data
+from steps_matrix import (
+    NO_DROPOUT,
+    TINY,
+    counted_fit,
+    data_module,
+    first_gradient,
+    module,
+    trainer,
+    write_data,
+)
 from torch.utils.data import DataLoader
 
-from lm_lightning import CausalLMDataModule
+from lm_lightning import CausalLMDataModule, CausalLMModule
 from lm_lightning.data.global_batches import (
     GlobalBatchSampler,
     MicroBatch,
@@ -197,3 +206,21 @@ def test_step_rows_read_padding_as_a_real_row_of_the_step():
     batch = StepCollator()(rows[MicroBatch((2, PADDING), filler=1, step_units=1, step_micro_batches=1)])
     assert batch["input_ids"].tolist() == [[2], [1]] and batch["labels"].tolist() == [[2], [-100]]
     assert batch["sample_index"] == [2, PADDING] and batch["step_units"] == 1
+
+
+def test_extra_sums_ride_in_the_steps_one_sync(data, bpe_tokenizer_path):
+    """What a preference objective needs (its own per-step means: a reward margin...), with no extra sync."""
+
+    class WithExtras(CausalLMModule):
+        def training_step(self, batch, batch_idx):
+            nll, n_targets, _ = self._nll(batch)
+            extras = {"nll_again": nll.detach(), "targets_seen": n_targets.float()}
+            return self.step_loss.objective(self, batch, nll, n_targets, batch_idx, extras=extras)
+
+    L.seed_everything(0)
+    model = WithExtras(model_config={**TINY, "n_positions": 32, **NO_DROPOUT}, lr_scheduler="constant")
+    fit = trainer(data / "runs", 1, max_steps=2, accumulate_grad_batches=2)
+    fit.fit(model, data_module(data, bpe_tokenizer_path, "text", 2))
+    metrics = fit.callback_metrics
+    assert metrics["train/nll_again"].item() == pytest.approx(metrics["train/loss"].item(), rel=1e-6)
+    assert metrics["train/targets_seen"].item() == 1.0  # each target counted once, over the step's targets

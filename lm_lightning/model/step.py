@@ -64,6 +64,7 @@ class StepLoss:
         self._micro_batches = 0
         self._batches: tuple[int, int] | None = None
         self._has_aux = False
+        self._extras: tuple[str, ...] = ()
 
     def objective(
         self,
@@ -74,10 +75,13 @@ class StepLoss:
         batch_idx: int,
         aux: Tensor | None = None,
         aux_weight: float = 0.0,
+        extras: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """The micro-batch's tensor to back-propagate: ``loss_sum`` (summed over its ``units``: the count of
-        targets or rows in this micro-batch) scaled to its share of the step's mean, plus ``aux_weight * aux``
-        as the mean over the step's micro-batches (each micro-batch on each process weighs the same)."""
+        targets or rows in this micro-batch, padding rows excluded) scaled to its share of the step's mean,
+        plus ``aux_weight * aux`` as the mean over the step's micro-batches (each micro-batch on each process
+        weighs the same). ``extras``: other sums over the micro-batch's units (detached), each logged as
+        ``train/<name>``, the step's total over its units, within the same one sync."""
         trainer = module._trainer
         accumulate, world_size = (trainer.accumulate_grad_batches, trainer.world_size) if trainer else (1, 1)
         step_units = batch.get(STEP_UNITS) if isinstance(batch, Mapping) else None
@@ -105,6 +109,8 @@ class StepLoss:
         nonfinite = ~torch.isfinite(objective.detach())
         zero = loss_sum.new_zeros(())
         parts = [loss_sum.detach(), units, nonfinite, zero, zero if aux is None else aux.detach()]
+        parts += [value.detach() for value in (extras or {}).values()]
+        self._extras = tuple(extras or ())
         dtype = torch.float32 if loss_sum.device.type == "mps" else torch.float64  # MPS has no float64
         values = torch.stack([part.to(dtype) for part in parts])
         self._sums = values if self._sums is None else self._sums + values
@@ -141,6 +147,7 @@ class StepLoss:
         bad_ranks = [rank for rank, v in enumerate(values) if v[_NONFINITE]]
         signal = int(max(v[_SIGNAL] for v in values))
         first, last = self._batches or (0, 0)
+        extras = self._extras
         self.reset()
         self.outcome = StepOutcome(trainer.global_step + 1, loss, aux_loss, bool(bad_ranks), signal)
         if bad_ranks:
@@ -155,6 +162,10 @@ class StepLoss:
         if aux_loss is not None:
             module.log("train/aux_loss", host(aux_loss), on_step=True, on_epoch=False)
         module.log("train/lr", host(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False)
+        for i, name in enumerate(extras, start=_AUX + 1):
+            module.log(
+                f"train/{name}", host(sum(v[i] for v in values) / max(units, 1)), on_step=True, on_epoch=False
+            )
 
 
 def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
