@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lm_lightning import CausalLMDataModule, CausalLMModule
+from lm_lightning.curves import CurvesCallback
 from lm_lightning.data.corpus import python_docs_texts
 from lm_lightning.model.interrupts import CheckpointOnInterrupt
 from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
@@ -262,8 +263,8 @@ def counted_fit(folder: Path, tokenizer: str, devices: int, poison=None, action=
     model.poison = poison
     counter, snapshots = SyncCounter(), Snapshots()
     callbacks = [TokensPerSecondProgressBar(refresh_rate=1), ValidationSummary(), CheckpointOnInterrupt(),
-                 ModelCheckpoint(dirpath=folder / "counted", save_top_k=0, every_n_train_steps=1000),
-                 counter, snapshots]  # fmt: skip
+                 CurvesCallback(), ModelCheckpoint(dirpath=folder / "counted", save_top_k=0,
+                 every_n_train_steps=1000), counter, snapshots]  # fmt: skip
     fit = trainer(folder / "runs", devices, max_steps=steps, accumulate_grad_batches=2, gradient_clip_val=1.0,
                   callbacks=callbacks, enable_progress_bar=True, enable_checkpointing=True)  # fmt: skip
     fit.fit(model, data_module(folder, tokenizer, "text", 2))
