@@ -76,9 +76,9 @@ def test_ddp_fit_then_one_process_loads_and_validation_is_exact(tmp_path, bpe_to
     assert len(samples) == 1 and samples[0]["step"] == 7  # rank zero alone sampled, once, and nobody hung
     summary = json.loads((run / "run_summary.json").read_text())  # rank zero drew, no rank hung on log_dir
     assert (run / "curves.png").is_file() and summary["world_size"] == 2 and summary["steps"] == 8
-    # Rank 0's batches times 2: epoch 0's 7 of 4 rows (the last padded: its step has 2 rows, which the
-    # count does not tell from padding), then one of epoch 1.
-    assert summary["tokens"] == (7 * 4 + 4) * 32 * 2
+    # Rank 0's real tokens times 2: epoch 0's 6 batches of 4 and its last step's 2 blocks (the rest of that
+    # step is padding), then a batch of 4 of epoch 1.
+    assert summary["tokens"] == (6 * 4 + 2 + 4) * 32 * 2
     last = run / "checkpoints" / "last.ckpt"
     module = CausalLMModule.load_from_checkpoint(last, map_location="cpu")  # one process, no DDP
     assert module.model.config.n_layer == 2

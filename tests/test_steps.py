@@ -21,6 +21,7 @@ from steps_matrix import (
 from torch.utils.data import DataLoader
 
 from lm_lightning import CausalLMDataModule, CausalLMModule
+from lm_lightning.data.examples import BlockCollator, DocumentMaskingCollator, PadCollator, real_tokens
 from lm_lightning.data.global_batches import (
     GlobalBatchSampler,
     MicroBatch,
@@ -201,11 +202,18 @@ def test_streaming_with_document_masking_is_refused(tmp_path):
         )  # fmt: skip
 
 
-def test_step_rows_read_padding_as_a_real_row_of_the_step():
-    rows = StepRows([{"input_ids": torch.tensor([i])} for i in range(3)])
-    batch = StepCollator()(rows[MicroBatch((2, PADDING), filler=1, step_units=1, step_micro_batches=1)])
-    assert batch["input_ids"].tolist() == [[2], [1]] and batch["labels"].tolist() == [[2], [-100]]
-    assert batch["sample_index"] == [2, PADDING] and batch["step_units"] == 1
+def test_padding_rows_are_a_real_row_of_the_step_with_no_target():
+    micro = MicroBatch((2, PADDING), filler=1, step_units=2, step_micro_batches=1)
+    blocks = StepRows([{"input_ids": torch.tensor([i, i])} for i in range(3)])
+    for collate in (None, BlockCollator(), DocumentMaskingCollator(eos_token_id=99)):
+        batch = StepCollator(collate)(blocks[micro])
+        assert batch["input_ids"].tolist() == [[2, 2], [1, 1]], collate
+        assert (batch["labels"][1] == -100).all() and (batch["labels"][0, 1:] == 2).all(), collate
+        assert batch["sample_index"] == [2, PADDING] and batch["step_units"] == 2
+    assert real_tokens(StepCollator(BlockCollator())(blocks[micro])) == 2  # the padding row is not counted
+    rows = StepRows([{"input_ids": torch.arange(i + 1), "labels": torch.arange(i + 1)} for i in range(3)])
+    batch = StepCollator(PadCollator(pad_token_id=0))(rows[micro])
+    assert batch["labels"].tolist() == [[0, 1, 2], [-100, -100, -100]] and real_tokens(batch) == 3
 
 
 def test_extra_sums_ride_in_the_steps_one_sync(data, bpe_tokenizer_path):

@@ -238,12 +238,21 @@ class StepRows(Dataset):
         keys = [micro.filler if row == PADDING else row for row in micro.rows]
         getitems = getattr(self.dataset, "__getitems__", None)  # datasets reads a batch of rows at once
         rows = getitems(keys) if getitems is not None else [self.dataset[k] for k in keys]
+        if PADDING in micro.rows:  # padding rows look like padding to the collators: all labels -100
+            rows = [dict(row) for row in rows]
+            for row, index in zip(rows, micro.rows, strict=True):
+                ids = torch.as_tensor(row["input_ids"])
+                if index == PADDING:
+                    row["labels"] = torch.full_like(ids, IGNORE_INDEX)
+                else:
+                    row.setdefault("labels", ids)  # blocks of text: every row then has labels
         return rows, micro
 
 
 class StepCollator:
-    """Rows of a :class:`MicroBatch` -> the inner collator's batch, with padding rows' labels all -100 and
-    the step's fields: :data:`STEP_UNITS`, :data:`STEP_MICRO_BATCHES`, :data:`SAMPLE_INDEX` (the rows)."""
+    """Rows of a :class:`MicroBatch` -> the inner collator's batch, with padding rows' labels all -100 (they
+    come so from :class:`StepRows`, and are set again whatever the collator made of them) and the step's
+    fields: :data:`STEP_UNITS`, :data:`STEP_MICRO_BATCHES`, :data:`SAMPLE_INDEX` (the rows)."""
 
     def __init__(self, collate_fn: Any = None) -> None:
         self.collate_fn = collate_fn or default_collate
