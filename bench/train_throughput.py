@@ -9,6 +9,7 @@ warm-up steps. Ours runs as the CLI would (TensorBoard logger, progress bar with
 like the reference.
 
     python bench/train_throughput.py                       # CPU, float32
+    python bench/train_throughput.py --before /tmp/old     # also ours from another checkout, interleaved
     python bench/train_throughput.py --device cuda --model gpt2-124m --block 1024 --precision bf16-mixed
 
 On a GPU it also reports model FLOPs utilisation: (6 N + 12 L T C) FLOPs per token (N parameters, L layers,
@@ -164,6 +165,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side; median reported")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: one per core)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled side (inductor)")
+    parser.add_argument(
+        "--before",
+        metavar="DIR",
+        help="also time ours from the checkout DIR (the commit before a change, say), interleaved",
+    )
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "OPTIONS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -178,10 +184,14 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"reference": [], "ours": [], "compiled": []}
     if args.no_compile:
         del runs["compiled"]
+    scripts = dict.fromkeys(runs, __file__)
+    if args.before:  # that checkout's own script: it puts its own lm_lightning first on sys.path
+        runs["before"], scripts["before"] = [], str(Path(args.before) / "bench" / Path(__file__).name)
     loads = []
     for _ in range(args.repeats):
         for side in runs:
-            runs[side].append(common.run_child(__file__, ["--child", side, json.dumps(opts)]))
+            child_side = "ours" if side == "before" else side
+            runs[side].append(common.run_child(scripts[side], ["--child", child_side, json.dumps(opts)]))
         loads.append(common.load_average())
     rate = {side: common.median([r["tokens_per_s"] for r in v]) for side, v in runs.items()}
     rows = [
@@ -197,6 +207,8 @@ def main() -> None:
         f"{args.warmup}: "
     )
     figures = setting + ", ".join(f"{side} {r:,.0f} tok/s" for side, r in rate.items())
+    if args.before:
+        figures += f" (before: ours from {Path(args.before).name})"
     goals = {"ours": GOAL_SPEEDUP if args.device == "cpu" else 1.0, "compiled": GOAL_SPEEDUP_COMPILED}
     versus = "; ".join(
         f"{side} {rate[side] / rate['reference']:.2f}x the reference "
@@ -204,6 +216,8 @@ def main() -> None:
         for side, goal in goals.items()
         if side in rate
     )
+    if args.before:
+        versus += f"; ours {rate['ours'] / rate['before']:.2f}x before"
     if args.device == "cuda":
         import torch
 

@@ -31,6 +31,7 @@ from lm_lightning.errors import (
     report_and_exit,
 )
 from lm_lightning.generation.writer import JSONLPredictionWriter
+from lm_lightning.model.boundaries import check_step_boundaries
 from lm_lightning.model.checkpointing import (
     AtomicCheckpointIO,
     check_checkpoint,
@@ -197,6 +198,7 @@ class CausalLMCLI(LightningCLI):
         predicting = self.subcommand == "predict"  # prompts are not cut into blocks
         check_compatible(model_config, tokenizer, None if predicting else self.datamodule.block_size)
         if self.subcommand == "fit":
+            check_step_boundaries(self.trainer)  # validation on optimizer-step boundaries
             trainer, streaming = self.trainer, bool(getattr(self.datamodule, "streaming", False))
             max_time = config.trainer.get("max_time")
             open_ended = is_open_ended(trainer.max_epochs, trainer.max_steps, max_time, streaming)

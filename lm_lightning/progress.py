@@ -42,6 +42,11 @@ class TokensPerSecondProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        # The step's loss as a float, read back with the step's one sync (lm_lightning.model.step): a
+        # prog_bar metric would be read from its tensor on every batch.
+        outcome = getattr(getattr(pl_module, "step_loss", None), "outcome", None)
+        if outcome is not None:
+            metrics["train/loss"] = f"{outcome.loss:.3f}"
         if self._rate is not None:
             metrics["real tok/s"] = f"{self._rate:,.0f}"
         return metrics

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -151,3 +153,24 @@ def tiny_gpt2(bpe_tokenizer) -> GPT2LMHeadModel:
 def doc_texts() -> list[str]:
     """Paragraphs of the Python docs, the offline test corpus."""
     return python_docs_texts()
+
+
+@pytest.fixture(scope="session")
+def two_process_steps(tmp_path_factory, bpe_tokenizer_path) -> list[dict]:
+    """``tests/steps_matrix.py`` run once on 2 processes (gloo, torchrun): each rank's results.
+
+    One launch for every 2-process case of the step tests (gradients, the resume chain, one sync a step).
+    """
+    out = tmp_path_factory.mktemp("two-process-steps")
+    script = Path(__file__).parent / "steps_matrix.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [*command, str(script), str(out), bpe_tokenizer_path],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-6000:]
+    return [torch.load(out / f"ddp-rank{rank}.pt", weights_only=True) for rank in range(2)]

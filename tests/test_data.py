@@ -76,9 +76,14 @@ def test_batches_hold_long_input_ids_and_labels_are_derived(tmp_path, bpe_tokeni
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", REAL_TOKENS}  # labels are the input ids: not stored twice
+    # Labels are the input ids (not stored twice); the step fields are plain data (data.global_batches).
+    assert set(batch) == {"input_ids", REAL_TOKENS, "step_units", "step_micro_batches", "sample_index"}
     assert batch[REAL_TOKENS] == 4 * 16  # counted on the host: no padding in raw-text blocks
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (4, 16)
+    assert batch["step_units"] == 4 * 15 and batch["step_micro_batches"] == 1
+    assert [dm.datasets["train"][i]["input_ids"].tolist() for i in batch["sample_index"]] == batch[
+        "input_ids"
+    ].tolist()
     val = next(iter(dm.val_dataloader()))
     assert val["input_ids"].shape == (3, 16)
     assert torch.equal(val["input_ids"], dm.datasets["validation"][:3]["input_ids"])  # in order

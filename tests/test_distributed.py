@@ -68,14 +68,17 @@ def test_ddp_fit_then_one_process_loads_and_validation_is_exact(tmp_path, bpe_to
         "--trainer.callbacks.decodings=[greedy]",
         "--trainer.callbacks.max_new_tokens=4",
     ]
-    # 25 blocks a process: 7 steps an epoch, so step 8 is in the second epoch after one validation.
+    # 50 blocks, global batches of 8: 7 steps an epoch (the last of 2 blocks), so step 8 is in the second
+    # epoch, after one validation.
     _run(tmp_path, "fit", "--config", config, *ddp, *sampler, "--trainer.max_steps", "8")
     run = tmp_path / "runs" / "ddp" / "version_0"
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 1 and samples[0]["step"] == 7  # rank zero alone sampled, once, and nobody hung
     summary = json.loads((run / "run_summary.json").read_text())  # rank zero drew, no rank hung on log_dir
     assert (run / "curves.png").is_file() and summary["world_size"] == 2 and summary["steps"] == 8
-    assert summary["tokens"] == (6 * 4 + 1 + 4) * 32 * 2  # epoch 0: 6 batches of 4 and 1 of 1; a batch of 4
+    # Rank 0's real tokens times 2: epoch 0's 6 batches of 4 and its last step's 2 blocks (the rest of that
+    # step is padding), then a batch of 4 of epoch 1.
+    assert summary["tokens"] == (6 * 4 + 2 + 4) * 32 * 2
     last = run / "checkpoints" / "last.ckpt"
     module = CausalLMModule.load_from_checkpoint(last, map_location="cpu")  # one process, no DDP
     assert module.model.config.n_layer == 2

@@ -1,8 +1,9 @@
 """FSDP2 (fully_shard through ModelParallelStrategy) on CPU, 2 processes over gloo: the shipped recipe.
 
-One straight fit to step 2N (sharded checkpoint folders at N and 2N), one fit resumed from the step-N folder
-to 2N; then, in this one process: the resumed weights equal the straight ones, the fit's export equals the
-checkpoint folder's one-process export, and the sharded validation perplexity equals the exported model's.
+One straight fit to step 2N (sharded checkpoint folders at N and 2N); one fit stopped by max_steps=N (its
+last.ckpt written at the end of the fit, mid-epoch) and resumed from it to 2N; then, in this one process: the
+resumed weights equal the straight ones, the fit's export equals the checkpoint folder's one-process export,
+and the sharded validation perplexity equals the exported model's.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def test_fsdp2_recipe_clips_resumes_exactly_and_exports_on_cpu(
         f"--model.model_name_or_path={pretrained}", f"--data.tokenizer={pretrained}",
         "--data.dataset_name=null", "--data.dataset_config_name=null", f"--data.data_files={files}",
         "--data.block_size=32", "--data.batch_size=2", "--data.eval_batch_size=2", "--data.num_workers=0",
-        "--data.cache_dir=cache", "--model.learning_rate=3e-3", "--model.warmup_ratio=0.3",
+        "--data.cache_dir=cache", "--model.learning_rate=3e-3", "--model.lr_scheduler=constant",
         "--data.eos_between_texts=true", "--data.document_masking=true",
         "--trainer.enable_progress_bar=false", "--trainer.strategy.init_args.timeout_minutes=2",
         f"--trainer.max_steps={2 * N}", f"--trainer.val_check_interval={2 * N}",
@@ -139,10 +140,18 @@ def test_fsdp2_recipe_clips_resumes_exactly_and_exports_on_cpu(
     for before, after in zip(record["before"], record["after"], strict=True):
         assert after == pytest.approx(min(before, 1.0), rel=1e-5)
 
-    # Resumed from the step-N folder (a fresh process pair) to 2N: the same weights as the straight run.
+    # Stopped by max_steps=N, with no periodic checkpoint there: Lightning writes last.ckpt at the end of the
+    # fit, after marking the epoch done. Resumed from it (a fresh process pair) to 2N: the rest of the epoch
+    # is trained, and the weights are the straight run's.
+    stop = [f"--trainer.max_steps={N}", "--last_checkpoint.every_n_train_steps=1000"]
+    _fit(tmp_path, "stopped", *cpu, *small, *stop)
+    stopped = tmp_path / "runs" / "gpt2-xl-fsdp" / "version_1" / "checkpoints" / "last.ckpt"
+    assert is_sharded_checkpoint(stopped) and load_checkpoint(stopped)["global_step"] == N
     (tmp_path / "record.json").unlink()
-    resumed = _fit(tmp_path, "resumed", *cpu, *small, f"--ckpt_path={cut}", "--model.export_dir=hf_resumed")
-    assert f"step {N}" in resumed.stdout
+    resumed = _fit(
+        tmp_path, "resumed", *cpu, *small, f"--ckpt_path={stopped}", "--model.export_dir=hf_resumed"
+    )
+    assert f"epoch 0, step {N}" in resumed.stdout
     again = json.loads((tmp_path / "record.json").read_text())
     assert again["batches"] == record["batches"][N:]  # the epoch goes on where it stopped
     a, b = _weights(tmp_path / "hf_straight"), _weights(tmp_path / "hf_resumed")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import logging
 import os
 import signal
 import subprocess
@@ -16,8 +16,9 @@ import yaml
 from conftest import GradNorms, quiet_trainer
 from datasets import Dataset, DatasetDict
 from lightning.pytorch.callbacks import ModelCheckpoint
+from steps_matrix import PoisonedModule, Snapshots, resume_chain, write_data
 
-from lm_lightning import CausalLMDataModule, CausalLMModule
+from lm_lightning import CausalLMDataModule
 from lm_lightning.cli import main
 from lm_lightning.model import checkpointing as ckpt_module
 from lm_lightning.model.checkpointing import AtomicCheckpointIO
@@ -206,6 +207,125 @@ def test_fit_interrupted_then_killed_resumes_to_the_same_weights(
     )
 
 
+CUTS = ("epochs1", "term", "steps-1", "steps")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_resume_after_any_stop_equals_a_straight_fit(
+    tmp_path, bpe_tokenizer_path, two_process_steps, processes
+):
+    """A stop by max_epochs; resumed with a larger max_epochs and SIGTERMed; resumed with a max_steps that
+    stops mid-epoch (last.ckpt then comes from ModelCheckpoint.on_train_end); resumed with a larger max_steps.
+    The same rows, read from the batches, in the same steps as one straight fit, and its very weights (dropout
+    on, different on each process; constant LR). The step reached is what each checkpoint records."""
+    if processes == 1:
+        chains = [resume_chain(write_data(tmp_path / "data"), bpe_tokenizer_path, batch_size=4, devices=1)]
+    else:  # batch 2 on each of 2 processes: the same global batch of 4
+        chains = [rank["chain"] for rank in two_process_steps]
+    for chain in chains:
+        steps = chain["steps_per_epoch"]
+        assert [chain[n]["code"] for n in CUTS] == [0, 143, 0, 0]
+        assert [chain[n]["step"] for n in CUTS] == [steps, steps + 2, 2 * steps - 1, 2 * steps]
+        straight = chain["straight"]
+        assert [seen for n in CUTS for seen in chain[n]["samples"]] == straight["samples"]
+        assert len({row for _, rows in straight["samples"] for row in rows}) >= 4 * steps - 3  # every row
+        got = chain["steps"]["weights"]
+        diffs = {k: (v - got[k]).abs().max().item() for k, v in straight["weights"].items()}
+        assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    if processes == 2:  # each process trained its own rows
+        assert (
+            two_process_steps[0]["chain"]["straight"]["samples"]
+            != two_process_steps[1]["chain"]["straight"]["samples"]
+        )
+
+
+def test_a_stop_inside_an_accumulation_window_resumes_from_the_step_reached(tmp_path, bpe_tokenizer_path):
+    """What Lightning's Timer (max_time) does: ``should_stop`` after a micro-batch that is not a step's last.
+    The checkpoint written at the end of the fit records the step reached, with that step's random state;
+    the resumed fit trains the interrupted step again, whole (dropout on)."""
+    from steps_matrix import Samples, data_module, module, trainer
+
+    folder = write_data(tmp_path / "data")
+
+    class StopAfter(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 4:  # the first micro-batch of step 2
+                trainer.should_stop = True
+
+    def fit(name, *extra, ckpt_path=None):
+        L.seed_everything(0)
+        samples = Samples()
+        saver = ModelCheckpoint(dirpath=tmp_path / name, save_top_k=0, save_last=True)
+        run = trainer(tmp_path, 1, max_steps=4, accumulate_grad_batches=2, callbacks=[samples, saver, *extra],
+                      enable_checkpointing=True)  # fmt: skip
+        model = module("text", dropout=True)
+        run.fit(model, data_module(folder, bpe_tokenizer_path, "text", 2), ckpt_path=ckpt_path)
+        return model, samples.seen
+
+    straight, every = fit("straight")
+    _, first = fit("cut", StopAfter())
+    assert torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed, rest = fit("cut", ckpt_path=tmp_path / "cut" / "last.ckpt")
+    assert first[:4] + rest == every  # micro-batch 4 is trained again, in its whole step
+    diffs = [
+        (a - b).abs().max().item() for a, b in zip(straight.parameters(), resumed.parameters(), strict=True)
+    ]
+    assert max(diffs) < 1e-6
+
+
+def test_last_checkpoint_is_at_the_step_reached_after_an_earlier_one(tmp_path, bpe_tokenizer_path):
+    """ModelCheckpoint writes last.ckpt at the end of a fit only if it wrote none during the fit."""
+    from steps_matrix import data_module, module, trainer
+
+    folder = write_data(tmp_path / "data")
+    saver = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=0, save_last=True, every_n_train_steps=2)
+    run = trainer(
+        tmp_path, 1, max_steps=3, callbacks=[saver, CheckpointOnInterrupt()], enable_checkpointing=True
+    )
+    run.fit(module("text"), data_module(folder, bpe_tokenizer_path, "text", 4))
+    assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["global_step"] == 3  # not 2
+
+
+def test_a_longer_schedule_is_planned_again_from_the_step_reached(tmp_path, bpe_tokenizer_path):
+    from steps_matrix import data_module, module, trainer
+
+    folder = write_data(tmp_path / "data")
+
+    class LearningRates(L.Callback):
+        def __init__(self):
+            self.used = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.used.append(optimizer.param_groups[0]["lr"])
+
+    def fit(max_steps, ckpt_path=None):
+        L.seed_everything(0)
+        rates = LearningRates()
+        saver = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=0, save_last=True)
+        run = trainer(tmp_path, 1, max_steps=max_steps, callbacks=[rates, saver], enable_checkpointing=True)
+        run.fit(
+            module("text", lr_scheduler="linear"),
+            data_module(folder, bpe_tokenizer_path, "text", 4),
+            ckpt_path=ckpt_path,
+        )
+        return rates.used
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("lightning.pytorch").addHandler(handler)  # where rank_zero_info writes
+    try:
+        assert fit(2) == pytest.approx([1e-2, 5e-3])  # linear decay over 2 steps: 0 after the last one
+        assert fit(4, tmp_path / "ck" / "last.ckpt") == pytest.approx([5e-3, 2.5e-3])  # over 4, from step 2
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    said = [m for m in said if "learning-rate schedule" in m]
+    assert said == [
+        "Resuming with a learning-rate schedule over 4 optimizer steps (it was planned over 2): planned "
+        "again from step 2, where its learning rate is 0.005."
+    ]
+
+
 def test_atomic_save_leaves_the_previous_checkpoint_whole_when_it_fails(tmp_path, monkeypatch):
     path = tmp_path / "ckpts" / "last.ckpt"
     io = AtomicCheckpointIO()
@@ -224,19 +344,8 @@ def test_atomic_save_leaves_the_previous_checkpoint_whole_when_it_fails(tmp_path
 
 
 # ----------------------------------------------------------------------------- non-finite loss
-class PoisonedModule(CausalLMModule):
-    """Gives a NaN training loss at the optimizer steps listed in ``poison``."""
-
-    poison: tuple[int, ...] = ()
-
-    def _nll(self, batch, router_aux_loss=False):
-        nll, n, aux = super()._nll(batch, router_aux_loss)
-        if self.training and self.trainer.global_step in self.poison:
-            nll = nll * math.nan
-        return nll, n, aux
-
-
-def _poison_fit(tmp_path, tokenizer_path, texts, action, poison, callbacks=()):
+def _poison_fit(tmp_path, tokenizer_path, texts, action, poison=None, callbacks=(), accumulate=1):
+    """``poison``: (optimizer step, micro-batch, process or None) whose loss is NaN (``PoisonedModule``)."""
     dsd = DatasetDict({"train": Dataset.from_dict({"text": texts[:200]})})
     dm = CausalLMDataModule(
         tokenizer=tokenizer_path, dataset=dsd, block_size=32, batch_size=4, cache_dir=str(tmp_path / "c")
@@ -249,8 +358,9 @@ def _poison_fit(tmp_path, tokenizer_path, texts, action, poison, callbacks=()):
     )
     module.poison = poison
     trainer = quiet_trainer(
-        tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=True, callbacks=list(callbacks)
-    )
+        tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=True, callbacks=list(callbacks),
+        accumulate_grad_batches=accumulate,
+    )  # fmt: skip
     return trainer, module, dm
 
 
@@ -276,7 +386,7 @@ def test_a_signal_checkpoints_the_step_and_exits_non_zero(
 ):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True, save_top_k=0)
     callbacks = [checkpoints, CheckpointOnInterrupt(), _Interrupt(*signals)]
-    trainer, module, dm = _poison_fit(tmp_path, bpe_tokenizer_path, doc_texts, "raise", (), callbacks)
+    trainer, module, dm = _poison_fit(tmp_path, bpe_tokenizer_path, doc_texts, "raise", None, callbacks)
     with pytest.raises(SystemExit) as exit_info:
         trainer.fit(module, dm)
     assert exit_info.value.code == code
@@ -297,34 +407,44 @@ def test_lightnings_slurm_requeue_handler_keeps_sigusr1():
     assert signal.SIGUSR1 in CheckpointOnInterrupt._signals()
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path, bpe_tokenizer_path, doc_texts):
+@pytest.mark.parametrize("micro", [0, 1], ids=["first micro-batch", "last micro-batch"])
+def test_nonfinite_loss_stops_before_the_step_naming_it_and_the_last_checkpoint(
+    tmp_path, bpe_tokenizer_path, doc_texts, micro
+):
     every_step = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1)
-    trainer, module, dm = _poison_fit(tmp_path, bpe_tokenizer_path, doc_texts, "raise", (2,), [every_step])
+    snapshots = Snapshots()
+    trainer, module, dm = _poison_fit(
+        tmp_path, bpe_tokenizer_path, doc_texts, "raise", (2, micro, None), [every_step, snapshots], 2
+    )
     with pytest.raises(NonFiniteLossError) as err:
         trainer.fit(module, dm)
     message = str(err.value)
-    assert "The training loss is nan at step 2 (epoch 0, batch 2)" in message
+    assert "The training loss is nan at step 2 (epoch 0, batches 4-5)" in message  # decided once, the step
     assert "last good checkpoint is" in message and "step=2.ckpt" in message
     assert "--model.on_nonfinite_loss skip" in message
-    assert all(torch.isfinite(p).all() for p in module.parameters())  # stopped before the update
+    before = snapshots.at[2]["weights"]  # stopped before the update: the weights of the step's start
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
 
 
-def test_nonfinite_loss_skip_leaves_weights_and_optimizer_alone(tmp_path, bpe_tokenizer_path, doc_texts):
-    snapshots = {}
-
-    class Snapshot(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            snapshots[batch_idx] = [p.detach().clone() for p in pl_module.parameters()]
-
-    trainer, module, dm = _poison_fit(tmp_path, bpe_tokenizer_path, doc_texts, "skip", (2,), [Snapshot()])
+@pytest.mark.parametrize("micro", [0, 1], ids=["first micro-batch", "last micro-batch"])
+def test_nonfinite_loss_skip_drops_the_whole_step(
+    tmp_path, bpe_tokenizer_path, doc_texts, two_process_steps, micro
+):
+    snapshots = Snapshots()
+    poison = (2, micro, None)
+    trainer, module, dm = _poison_fit(tmp_path, bpe_tokenizer_path, doc_texts, "skip", poison, [snapshots], 2)
     trainer.fit(module, dm)
     assert trainer.global_step == 4  # training went on
-    unchanged = all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3], strict=True))
-    assert unchanged  # the NaN batch changed nothing
-    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2], strict=True))
+    at = snapshots.at
+    assert all(torch.equal(a, b) for a, b in zip(at[2]["weights"], at[3]["weights"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(at[2]["moments"], at[3]["moments"], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(at[1]["weights"], at[2]["weights"], strict=True))
     state = trainer.optimizers[0].state
     assert {int(s["step"]) for s in state.values()} == {3}  # AdamW stepped 3 times, not 4
     assert all(torch.isfinite(p).all() for p in module.parameters())
+    # 2 processes, a NaN in the first micro-batch of step 1 on process 1 only: both skip the step.
+    for rank in two_process_steps:
+        assert all(torch.equal(a, b) for a, b in zip(*rank["weights"], strict=True))
 
 
 def test_cli_clips_gradients_at_one_by_default(tmp_path, bpe_tokenizer_path):

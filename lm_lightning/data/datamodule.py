@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lm_lightning.data import examples, formats
 from lm_lightning.data.formats import DataFormat
+from lm_lightning.data.global_batches import stream_step_collator, training_units
 from lm_lightning.data.loaders import map_style_loader
 from lm_lightning.data.packing import (
     CACHE_FORMAT_VERSION,
@@ -371,16 +372,13 @@ class CausalLMDataModule(L.LightningDataModule):
             stream = split_stream(dataset, self.tails[split])
             dataset = StridedWindows(stream, self.block_size, self.eval_stride)
             collate_fn = examples.PadCollator(self.tokenizer.pad_token_id or 0)
+        # Training: each row's weight in the loss, from which the loader plans every optimizer step's total.
+        eos = self.tokenizer.eos_token_id if self.document_masking else None
+        units = training_units(self.trainer, dataset, eos) if shuffle else None
         return map_style_loader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            trainer=self.trainer,
-            seed=self.seed,
-            num_workers=self.num_workers,
-            pin_memory=self._pin(),
-            collate_fn=collate_fn,
-        )
+            dataset, batch_size=batch_size, shuffle=shuffle, trainer=self.trainer, seed=self.seed,
+            num_workers=self.num_workers, pin_memory=self._pin(), collate_fn=collate_fn, units=units,
+        )  # fmt: skip
 
     def _collate_fn(self) -> Any:
         """Examples padded per batch; raw-text blocks as they are, or with their documents kept apart."""
@@ -398,7 +396,8 @@ class CausalLMDataModule(L.LightningDataModule):
         if trainer is not None and trainer.max_steps == -1 and not timed:  # max_time set: a Timer is there
             raise ValueError(
                 "streaming=True repeats the train split without end (ranks stay in step under DDP): set "
-                "--trainer.max_steps, and an integer --trainer.val_check_interval to validate every N steps."
+                "--trainer.max_steps, and an integer --trainer.val_check_interval to validate every N "
+                "training batches (micro-batches: N / accumulate_grad_batches optimizer steps)."
             )
         blocks = StreamingBlocks(
             self.train_texts,
@@ -418,7 +417,7 @@ class CausalLMDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self._pin(),
             persistent_workers=self.num_workers > 0,
-            collate_fn=self._collate_fn(),
+            collate_fn=stream_step_collator(self._collate_fn(), trainer, self.batch_size, self.block_size),
         )
 
     def train_dataloader(self) -> DataLoader:

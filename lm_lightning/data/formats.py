@@ -91,6 +91,14 @@ def check_format_settings(
             "document_masking=True finds the texts by the EOS token after each: set "
             "--data.eos_between_texts true."
         )
+    if streaming and document_masking:
+        raise ValueError(
+            "document_masking=True with streaming=True is not supported: a streamed block's targets depend "
+            "on where its texts end, and each process packs its own shards, so an optimizer step's number of "
+            "targets is not known before the step and the loss could not be weighted exactly across "
+            "micro-batches and processes. Set --data.streaming false (the corpus is cached) or "
+            "--data.document_masking false."
+        )
     if eval_stride is not None and (eval_stride < 1 or (block_size is not None and eval_stride > block_size)):
         raise ValueError(
             f"eval_stride={eval_stride} must be in [1, block_size]: a larger stride skips tokens."

@@ -1,15 +1,15 @@
-"""The map-style loaders of the data module: resumable shuffled training, each block once in evaluation."""
+"""The map-style loaders of the data module: global optimizer steps in training, each block once otherwise."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, Dataset
-from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from lm_lightning.data.global_batches import global_batch_loader
 from lm_lightning.data.sampling import EvenUnrepeatedSampler, PaddedBlocks
 
 
@@ -23,19 +23,20 @@ def map_style_loader(
     num_workers: int,
     pin_memory: bool,
     collate_fn: Any = None,
+    units: np.ndarray | None = None,
 ) -> DataLoader:
-    """A loader over ``dataset``: shuffled and stateful for training, in order (each row once) otherwise."""
+    """A loader over ``dataset``: for training (``shuffle``) the global order of optimizer steps, resumable
+    (``lm_lightning.data.global_batches``; ``units``: each row's weight in the loss); in order, each row once,
+    otherwise."""
+    if shuffle:
+        assert units is not None, "the training loader needs each row's weight in the loss"
+        return global_batch_loader(
+            dataset, units, batch_size=batch_size, trainer=trainer, seed=seed, num_workers=num_workers,
+            pin_memory=pin_memory, collate_fn=collate_fn,
+        )  # fmt: skip
     sampler = None
     world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    if shuffle:
-        # The order of an epoch is a function of (seed, epoch), which Lightning sets each epoch, and the
-        # sampler records how far into it training is: a resumed run sees the very same batches, in this
-        # epoch and the next ones (torchdata's RandomSampler does not: its next epoch differs). Under DDP
-        # each process takes its share, as with Lightning's own DistributedSampler.
-        sampler = StatefulDistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
-        )
-    elif world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy):
+    if world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy):
         # FSDP2: every rank must run the same number of forward passes (each one is a collective).
         dataset = PaddedBlocks(dataset)
         sampler = EvenUnrepeatedSampler(dataset, world_size, rank, batch_size)
@@ -45,18 +46,13 @@ def map_style_loader(
         from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
         sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    # A generator of its own: a loader without one draws its workers' base seed from the global random
-    # state, so a validation would shift the dropout masks of the training steps after it.
-    generator = torch.Generator().manual_seed(seed)
-    # The train loader is stateful: Lightning saves its state in each checkpoint, and a run resumed
-    # mid-epoch goes on from the next batch (a plain DataLoader would restart the epoch).
-    loader_cls = StatefulDataLoader if shuffle else DataLoader
-    return loader_cls(
+    return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate_fn,
-        generator=generator,
+        # Its own generator: a loader without one draws its workers' base seed from the global random state.
+        generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

@@ -68,12 +68,13 @@ def collect_rng_states() -> dict[str, Any]:
     return states
 
 
-def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
-    """Every process's :func:`collect_rng_states`, indexed by global rank (a collective: all ranks call it).
+def gather_rng_states(world_size: int, states: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every process's ``states`` (default: :func:`collect_rng_states` now), indexed by global rank (a
+    collective: all ranks call it).
 
     Under DDP rank 0 alone writes the checkpoint, and each rank's dropout draws from its own state.
     """
-    states = collect_rng_states()
+    states = collect_rng_states() if states is None else states
     if world_size < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [states]
     gathered: list[Any] = [None] * world_size

@@ -21,16 +21,9 @@ from lm_lightning.data.tokenizer import find_tokenizer, load_tokenizer
 from lm_lightning.errors import RunError, check_compatible
 from lm_lightning.generation.decoding import DecodingConfig, generate_texts, resolve_decodings
 from lm_lightning.model.build import DTYPES, build_model, model_config, model_kwargs, prepare_model
-from lm_lightning.model.checkpointing import (
-    RNG_KEY,
-    check_checkpoint,
-    gather_rng_states,
-    rank_rng_states,
-    restore_loader_position,
-    set_rng_states,
-)
+from lm_lightning.model.checkpointing import check_checkpoint
 from lm_lightning.model.export import check_export_dir, save_hf_folder
-from lm_lightning.model.faults import NonFiniteAction, nonfinite_loss
+from lm_lightning.model.faults import NonFiniteAction
 from lm_lightning.model.flops import matmul_params, training_flops_per_batch
 from lm_lightning.model.lora import (
     LoraSettings,
@@ -50,12 +43,13 @@ from lm_lightning.model.portable import (
     read_portable_parts,
 )
 from lm_lightning.model.sharded import consolidated, export_sharded, sharded_model
+from lm_lightning.model.training import ExactTraining
 
 # Set while ``load_from_checkpoint`` runs: the model is then built in ``on_load_checkpoint``.
 _LOADING_CHECKPOINT = contextvars.ContextVar("lm_lightning_loading_checkpoint", default=False)
 
 
-class CausalLMModule(ClipsFusedUnderBf16Mixed, L.LightningModule):
+class CausalLMModule(ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule):
     """A causal language model (GPT-2 by default, any ``AutoModelForCausalLM``) for fit/validate/test.
 
     The model comes from ``model_name_or_path`` (pretrained weights) or, for training from scratch,
@@ -64,10 +58,22 @@ class CausalLMModule(ClipsFusedUnderBf16Mixed, L.LightningModule):
     size follows the tokenizer unless ``model_config`` sets it. The model is built in
     ``configure_model``, once the data module's tokenizer is known.
 
-    Logged: ``train/loss`` and ``train/lr`` per step; ``val/loss``, ``val/perplexity`` (and
-    ``test/...``) per epoch. A mixture of experts (Mixtral, Qwen-MoE, OLMoE...) also logs ``train/aux_loss``,
-    its router's load-balancing loss: training minimises ``train/loss + router_aux_loss_coef * aux_loss`` (as
-    transformers does); the perplexities are of the next-token loss alone.
+    The optimizer step is the unit of the loss: ``train/loss`` is the summed NLL over every target of every
+    micro-batch on every process, divided by the step's number of targets, and the update does not depend on
+    how a global batch is split into processes and micro-batches (``lm_lightning.model.step``). It is decided
+    with one collective and one host sync a step. Logged: ``train/loss`` and ``train/lr`` per step;
+    ``val/loss``, ``val/perplexity`` (and ``test/...``) per epoch.
+
+    A mixture of experts (Mixtral, Qwen-MoE, OLMoE...) also trains on its router's load-balancing loss, the
+    model's own ``aux_loss`` of each micro-batch, weighted by ``router_aux_loss_coef`` as transformers does,
+    and averaged over the step's micro-batches on all processes: ``train/loss + router_aux_loss_coef *
+    train/aux_loss``. On one micro-batch this is transformers' objective; under accumulation or DDP,
+    transformers 5.24's ``Trainer`` (``num_items_in_batch``, ``average_tokens_across_devices``) instead sums
+    ``router_aux_loss_coef * aux_loss`` over the micro-batches and processes, so its weight against the
+    next-token loss grows with their number. Not kept: a load-balancing loss is a statistic of each
+    micro-batch's routing, so no weighting makes it independent of the split, and the mean at least keeps its
+    weight the same. The perplexities are of the next-token loss alone.
+
     Perplexity is ``exp(sum of token NLL / number of target tokens)`` over the whole split, summed
     across processes: a block of ``T`` tokens has ``T - 1`` targets (each token but the first), and
     labels of ``-100`` or positions with ``attention_mask == 0`` are not targets.
@@ -164,8 +170,7 @@ class CausalLMModule(ClipsFusedUnderBf16Mixed, L.LightningModule):
         self.test_nll = TokenNLL()
         self._n_matmul_params: int | None = None  # counted before FSDP or compile wrap the model
         self._batch_shape: tuple[int, int] | None = None
-        self._rng_states_to_restore: dict[str, Any] | None = None
-        self._skip_optimizer_step = False
+        self.init_exact_training()  # steps, boundaries, random state, schedule (lm_lightning.model.training)
 
     # ----------------------------------------------------------------------------- model
     def _find_tokenizer(self) -> PreTrainedTokenizerBase | None:
@@ -272,24 +277,11 @@ class CausalLMModule(ClipsFusedUnderBf16Mixed, L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Mean next-token loss of the batch."""
+        """This micro-batch's share of its optimizer step's mean next-token loss (``model.step``)."""
         self._batch_shape = tuple(batch["input_ids"].shape)
-        nll, n_tokens, aux = self._nll(batch, router_aux_loss=True)
-        loss = objective = nll / n_tokens
-        if aux is not None:  # a mixture of experts: its load-balancing loss trains too, as in transformers
-            objective = loss + unwrap_model(self.model).config.router_aux_loss_coef * aux
-        zero_loss = nonfinite_loss(self, objective, batch_idx, self.hparams.get("on_nonfinite_loss", "raise"))
-        self._skip_optimizer_step = zero_loss is not None
-        if zero_loss is not None:
-            return zero_loss
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        if aux is not None:
-            self.log("train/aux_loss", aux, on_step=True, on_epoch=False)
-        if self._trainer is not None and self.trainer.lr_scheduler_configs:
-            self.log(
-                "train/lr", self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0], on_step=True
-            )
-        return objective
+        nll, n_targets, aux = self._nll(batch, router_aux_loss=True)
+        coef = unwrap_model(self.model).config.router_aux_loss_coef if aux is not None else 0.0
+        return self.step_loss.objective(self, batch, nll, n_targets, batch_idx, aux, coef)
 
     @property
     def flops_per_batch(self) -> int | None:
@@ -304,18 +296,12 @@ class CausalLMModule(ClipsFusedUnderBf16Mixed, L.LightningModule):
         )
         return flops if self.training else flops // 3
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the gradients of a skipped batch: AdamW then leaves the weights and its moments alone."""
-        if self._skip_optimizer_step:
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    param.grad = None
-
     # ----------------------------------------------------------------------------- exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the random state (dropout draws from it) for an exact resume, the model's config and tokenizer
-        (the checkpoint travels: see ``lm_lightning.model.portable``); under LoRA, the adapters alone."""
-        checkpoint[RNG_KEY] = gather_rng_states(self.trainer.world_size if self._trainer is not None else 1)
+        """Save the random states and the step boundary for an exact resume (``save_training_state``), the
+        model's config and tokenizer (the checkpoint travels: ``lm_lightning.model.portable``); under LoRA,
+        the adapters alone."""
+        self.save_training_state(checkpoint)
         config = unwrap_model(self.model).config
         add_portable_parts(checkpoint, config, self._find_tokenizer())
         if is_peft_model(self.model):
@@ -323,9 +309,8 @@ class CausalLMModule(ClipsFusedUnderBf16Mixed, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Build the model from the checkpoint when it is not built yet (``configure_model``), and keep the
-        saved random state until training goes on (see ``on_train_batch_start``)."""
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        self._rng_states_to_restore = rank_rng_states(checkpoint.get(RNG_KEY), rank)
+        saved random state and schedule until training goes on (``load_training_state``)."""
+        self.load_training_state(checkpoint)
         config, tokenizer = portable_parts(checkpoint)
         self.tokenizer = tokenizer or self.tokenizer
         if self.model is None:
@@ -337,19 +322,6 @@ class CausalLMModule(ClipsFusedUnderBf16Mixed, L.LightningModule):
                 self._set_model(model_from_checkpoint(self._checkpoint_config, checkpoint, **kwargs))
         if is_peft_model(self.model):
             restore_frozen(self, checkpoint, self.hparams.model_name_or_path)
-
-    def on_train_start(self) -> None:
-        """A resumed fit goes on from the saved position in the epoch (see ``restore_loader_position``)."""
-        restore_loader_position(self.trainer)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Restore the checkpoint's random state just before the first step after a resume.
-
-        Not at load time: the sanity-check validation and loader set-up in between may draw from it.
-        """
-        if self._rng_states_to_restore is not None:
-            set_rng_states(self._rng_states_to_restore)
-            self._rng_states_to_restore = None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Accumulate the batch's token NLL for the epoch's perplexity."""
@@ -392,6 +364,7 @@ class CausalLMModule(ClipsFusedUnderBf16Mixed, L.LightningModule):
     # ----------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (weight decay on weights only) and a per-step LR schedule over the whole fit."""
+        self.plan_schedule(self.hparams.lr_scheduler, self.hparams.warmup_ratio)
         return optimizers(self.model, self.hparams, self.trainer)
 
     # ----------------------------------------------------------------------------- export

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from transformers import get_scheduler
 
@@ -130,3 +131,30 @@ def optimizers(model: nn.Module, hp: Any, trainer: Any) -> dict[str, Any]:
     optimizer = adamw(groups, hp.learning_rate, hp.betas, hp.eps, device, clips_scaled_gradients(trainer))
     scheduler = lr_schedule(hp.lr_scheduler, optimizer, total, hp.warmup_steps, hp.warmup_ratio)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def replan_schedule(trainer: Any, planned_before: int | None, planned_now: int | None) -> None:
+    """After a resume: every parameter group's learning rate from the new plan at the step reached.
+
+    Lightning restores the optimizer's param groups, learning rates included, and the scheduler's step count;
+    the schedule's functions are the new fit's, planned over its own length. Until the first scheduler step
+    the optimizer would keep the old plan's last rate (0 at the end of a linear decay), so it is set from the
+    new plan here. A change of length is said.
+    """
+    lr = None
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR: what transformers.get_scheduler makes
+        if lambdas is None:
+            continue
+        for group, base_lr, fn in zip(
+            scheduler.optimizer.param_groups, scheduler.base_lrs, lambdas, strict=True
+        ):
+            group["lr"] = base_lr * fn(scheduler.last_epoch)
+        lr = scheduler.optimizer.param_groups[0]["lr"]
+    if planned_before is not None and planned_now is not None and planned_before != planned_now:
+        rank_zero_info(
+            f"Resuming with a learning-rate schedule over {planned_now} optimizer steps (it was planned over "
+            f"{planned_before}): planned again from step {trainer.global_step}"
+            + (f", where its learning rate is {lr:.3g}." if lr is not None else ".")
+        )
