@@ -175,7 +175,7 @@ def _compute_table(
     loader = DataLoader(share, batch_size=batch_size, collate_fn=collate)
     bar = tqdm(loader, desc=f"Reference log-probabilities ({split})", disable=not trainer.is_global_zero)
     for batch in bar:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         with trainer.precision_plugin.forward_context():
             logps = reference_logprobs(model, batch, module.hparams.loss_chunk_size)
         table[batch["pair_id"]] = torch.stack(logps.float().chunk(2), dim=1)
