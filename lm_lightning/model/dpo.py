@@ -122,13 +122,13 @@ def pair_losses(
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
-def batch_rewards(chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
-    """The means over a batch's pairs of ``REWARD_NAMES``."""
+def pair_rewards(chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
+    """Per pair, the values of ``REWARD_NAMES`` (their means over pairs are the logged figures)."""
     return {
-        "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(),
-        "rewards/margin": (chosen - rejected).mean(),
-        "rewards/accuracy": (chosen > rejected).float().mean(),
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margin": chosen - rejected,
+        "rewards/accuracy": (chosen > rejected).to(chosen.dtype),
     }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
@@ -22,9 +23,9 @@ from lm_lightning.model.dpo import (
     REWARD_NAMES,
     DPOSettings,
     PreferenceMetrics,
-    batch_rewards,
     dpo_settings,
     pair_losses,
+    pair_rewards,
 )
 from lm_lightning.model.logprobs import sequence_logprobs
 from lm_lightning.model.reference import REFERENCE_KEY, Reference, build_reference
@@ -49,32 +50,30 @@ class PreferenceTuning:
         # None: the policy is the starting model; else a restored checkpoint's reference key ("" if none).
         self.reference_key: str | None = None
         self.reference: Reference | None = None
+        self.loss_unit = "rows" if self.dpo else "targets"  # what a step's loss is the mean over (model.step)
 
     # ----------------------------------------------------------------------------- checks and reference
     def setup(self, stage: str) -> None:
-        """Refuse, before the model is built, a strategy or data that the objective cannot work with."""
-        super().setup(stage)  # the other mix-ins' hooks, then LightningModule's
+        """Refuse, before the model is built, a strategy or data that the objective cannot work with; then the
+        other mix-ins' ``setup``."""
         trainer = self._trainer
-        if trainer is None:
-            return
-        if self.dpo is not None and isinstance(trainer.strategy, ModelParallelStrategy):
+        if self.dpo is not None and isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy):
             raise RunError(
                 "objective='dpo' does not run under FSDP2 (ModelParallelStrategy / FSDP2Strategy): use DDP "
                 "(--trainer.strategy ddp), with LoRA (--model.lora) for a large model."
             )
-        data_format = getattr(trainer.datamodule, "data_format", None)
-        if stage == "predict" or data_format is None:
-            return
-        if self.dpo is not None and data_format != "preference":
+        data_format = getattr(getattr(trainer, "datamodule", None), "data_format", None)
+        if stage != "predict" and self.dpo is not None and data_format not in (None, "preference"):
             raise RunError(
                 f"objective='dpo' trains on preference pairs, and this data is {data_format!r}: give columns "
                 "'chosen' and 'rejected' (and 'prompt'), or set --model.objective lm."
             )
-        if self.dpo is None and data_format == "preference":
+        if stage != "predict" and self.dpo is None and data_format == "preference":
             raise RunError(
                 "The data is preference pairs ('chosen' and 'rejected' columns), which the next-token "
                 "objective does not train on: set --model.objective dpo (and --model.model_name_or_path)."
             )
+        super().setup(stage)
 
     def _prepare_reference(self, splits: list[str]) -> None:
         if self.dpo is None or (self.reference is not None and self.reference.has(splits)):
@@ -118,14 +117,17 @@ class PreferenceTuning:
         reference = self.reference.logprobs(self.model, batch, split, chunk_size)
         return (*pair_losses(policy, reference, n_targets, self.dpo), policy, n_targets)
 
-    def preference_objective(
-        self, batch: dict[str, Tensor], n_pairs: Tensor | int | None = None
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """The batch's mean DPO loss, its share of the step's objective (the sum of its pairs' losses over
-        ``n_pairs``, the step's number of pairs; default: its own), and its mean rewards."""
-        losses, chosen, rejected, _, _ = self.pair_step(batch, "train")
-        objective = losses.sum() / (losses.numel() if n_pairs is None else n_pairs)
-        return losses.mean(), objective, batch_rewards(chosen, rejected)
+    def preference_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """This micro-batch's share of its optimizer step's mean DPO loss (``lm_lightning.model.step``: the
+        sum of its pairs' losses over the step's number of pairs), and the sums of its pairs' rewards, which
+        the step's one sync turns into ``train/rewards/...``: means over every pair of the step."""
+        losses, chosen, rejected, _, n_targets = self.pair_step(batch, "train")
+        real = (n_targets.view(2, -1) > 0).all(0)  # the padding rows of an epoch's last step have no target
+        zero = torch.zeros_like(losses)
+        rewards = pair_rewards(chosen, rejected)
+        sums = {name: torch.where(real, value, zero).sum() for name, value in rewards.items()}
+        loss_sum = torch.where(real, losses, zero).sum()
+        return self.step_loss.objective(self, batch, loss_sum, real.sum(), batch_idx, extras=sums)
 
     def update_pair_metrics(self, batch: dict[str, Tensor], split: str, metric: PreferenceMetrics) -> None:
         """Add an evaluation batch's pairs to ``metric``."""
