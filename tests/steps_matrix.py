@@ -66,8 +66,8 @@ def dpo_base(folder: Path, tokenizer: str) -> str:
 def data_module(folder: Path, tokenizer: str, kind: str, batch_size: int, packing: bool = False):
     """The data module of ``kind``: ``sft`` (rows of up to 160 tokens), ``text`` (blocks of 32), ``documents``
     (the same text, each text after an EOS attending to itself alone), or ``dpo`` (preference pairs)."""
-    sft, documents = kind in ("sft", "dpo"), kind == "documents"
-    name = {"sft": "sft", "dpo": "pairs"}.get(kind, "text")
+    sft, documents = kind in ("sft", "dpo", "dpo-precomputed"), kind == "documents"
+    name = {"sft": "sft", "dpo": "pairs", "dpo-precomputed": "pairs"}.get(kind, "text")
     files = {"train": str(folder / f"{name}.{'jsonl' if sft else 'txt'}")}
     files["validation"] = str(folder / f"{name}-valid.{'jsonl' if sft else 'txt'}")
     return CausalLMDataModule(
@@ -122,8 +122,9 @@ def first_gradient(
 ) -> torch.Tensor:
     """The first step's gradient of a fit of ``kind`` data split as given (dropout off)."""
     L.seed_everything(0)
-    if kind == "dpo":  # the DPO loss of the tiny base against itself: a mean over pairs
-        model = CausalLMModule(model_name_or_path=dpo_base(folder, tokenizer), objective="dpo")
+    if kind.startswith("dpo"):  # the DPO loss of the tiny base against itself: a mean over pairs
+        dpo = {"precompute_reference": kind == "dpo-precomputed"}
+        model = CausalLMModule(model_name_or_path=dpo_base(folder, tokenizer), objective="dpo", dpo=dpo)
     else:
         model = module(kind)
     grad = FirstGradient()
@@ -310,6 +311,7 @@ def main(out: Path, tokenizer: str) -> None:
         ("sft-packed-2x2", "sft", 2, 2, True),
         ("text-2x2", "text", 2, 2, False),
         ("dpo-2", "dpo", 2, 1, False),
+        ("dpo-precomputed-2", "dpo-precomputed", 2, 1, False),  # each process scores its share of the pairs
     ]:
         results[name] = first_gradient(folder, tokenizer, kind, batch, accumulate, 2, packing)
     chain = resume_chain(folder, tokenizer, batch_size=2, devices=2)
