@@ -116,9 +116,18 @@ RECIPES = [
             Step("stride 32", "validate", [*QUICKSTART, "--ckpt_path", "last", "--data.eval_stride", "32"]),
         ],
     ),
-    # ---- DPO: add its recipe here once lm_lightning trains DPO (the reward accuracy after each epoch is then
-    # ---- its row's figure: extend `run_step` to read `val/reward_accuracy` beside `val/perplexity`).
+    Recipe(
+        "dpo-python-docs", "Preference tuning (DPO) on python-docs-pairs",
+        "`configs/dpo-python-docs.yaml`: the SFT recipe's export tuned with LoRA on 170 preference pairs "
+        "(the reference: the model with its adapters disabled); the perplexity is of the chosen answers, "
+        "and the held-out reward accuracy is the DPO figure.",
+        [
+            Step("before DPO", "validate", ["--config", "configs/dpo-python-docs.yaml"]),
+            Step("fit", "fit", ["--config", "configs/dpo-python-docs.yaml"]),
+        ],
+    ),
 ]  # fmt: skip
+REWARD_ACCURACY = "val/rewards/accuracy"  # logged by objective='dpo' runs
 
 
 @dataclass
@@ -130,6 +139,7 @@ class Result:
     load_before: str
     load_after: str
     perplexities: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)  # DPO's held-out reward accuracy
     checkpoint_bytes: int | None = None
     picture: str | None = None
 
@@ -163,6 +173,7 @@ def run_step(
         (folder,) = {p.parent for p in written}
         version = read_version(folder)
         result.perplexities, result.checkpoint_bytes = version.perplexities, version.checkpoint_bytes
+        result.accuracies = _scalars(folder, REWARD_ACCURACY)
         if (folder / CURVES_FILE).is_file():
             images.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(folder / CURVES_FILE, images / f"{recipe.name}.png")
@@ -170,7 +181,17 @@ def run_step(
     elif step.verb == "validate":
         (events,) = written
         result.perplexities = read_version(events.parent).perplexities[-1:]  # the file this command wrote
+        result.accuracies = _scalars(events.parent, REWARD_ACCURACY)[-1:]
     return result
+
+
+def _scalars(folder: Path, tag: str) -> list[float]:
+    """The values of ``tag`` in the TensorBoard events of ``folder``, in step order ([] if absent)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [s.value for s in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
 
 def _quote(arg: str) -> str:
@@ -208,11 +229,16 @@ def markdown(results: dict[str, list[Result]], smoke: bool, started: str) -> str
         lines += ["", f"## {recipe.title}", "", recipe.about, "", "```bash"]
         lines += [r.command for r in results[recipe.name]] + ["```", ""]
         for r in results[recipe.name]:
+            accuracy = ", ".join(f"{a:.2f}" for a in r.accuracies)
             if r.step.verb == "fit" and r.perplexities:
                 epochs = ", ".join(f"{p:.1f}" for p in r.perplexities)
                 lines.append(f"- fit: validation perplexity after each epoch {epochs}.")
+                if accuracy:
+                    lines.append(f"- fit: held-out reward accuracy after each epoch {accuracy}.")
             elif r.step.verb == "validate" and r.perplexities:
                 lines.append(f"- {r.step.label}: validation perplexity {r.perplexities[-1]:.1f}.")
+                if accuracy:
+                    lines.append(f"- {r.step.label}: held-out reward accuracy {accuracy}.")
         lines += [f"\n![{recipe.name}]({r.picture})" for r in results[recipe.name] if r.picture]
     return "\n".join(lines) + "\n"
 

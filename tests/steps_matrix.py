@@ -19,10 +19,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from lm_lightning import CausalLMDataModule, CausalLMModule
 from lm_lightning.curves import CurvesCallback
 from lm_lightning.data.corpus import python_docs_texts
+from lm_lightning.data.tokenizer import load_tokenizer
 from lm_lightning.model.interrupts import CheckpointOnInterrupt
 from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
 
@@ -39,14 +41,33 @@ def write_data(folder: Path) -> Path:
     texts = python_docs_texts()
     (folder / "text.txt").write_text("".join(texts[:8]))  # about 20 blocks of 32 tokens
     (folder / "text-valid.txt").write_text("".join(texts[500:502]))
+    # Preference pairs whose sides have 2^i and 3i + 1 tokens: every pair of a different length.
+    pairs = [
+        {"prompt": f"Question {i}:", "chosen": " the" * 2**i, "rejected": " a" * (3 * i + 1)}
+        for i in range(8)
+    ]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (folder / "pairs-valid.jsonl").write_text(json.dumps(pairs[0]) + "\n")
     return folder
 
 
+def dpo_base(folder: Path, tokenizer: str) -> str:
+    """``folder/dpo-base``: a tiny pretrained GPT-2 (no dropout) and the tokenizer, for objective='dpo'."""
+    base = folder / "dpo-base"
+    if not (base / "config.json").is_file():
+        tok = load_tokenizer(tokenizer)
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=len(tok), n_positions=160, **TINY, **NO_DROPOUT)
+        GPT2LMHeadModel(config).save_pretrained(base)
+        tok.save_pretrained(base)
+    return str(base)
+
+
 def data_module(folder: Path, tokenizer: str, kind: str, batch_size: int, packing: bool = False):
-    """The data module of ``kind``: ``sft`` (rows of up to 160 tokens), ``text`` (blocks of 32), or
-    ``documents`` (the same text, each text after an EOS attending to itself alone)."""
-    sft, documents = kind == "sft", kind == "documents"
-    name = "sft" if sft else "text"
+    """The data module of ``kind``: ``sft`` (rows of up to 160 tokens), ``text`` (blocks of 32), ``documents``
+    (the same text, each text after an EOS attending to itself alone), or ``dpo`` (preference pairs)."""
+    sft, documents = kind in ("sft", "dpo", "dpo-precomputed"), kind == "documents"
+    name = {"sft": "sft", "dpo": "pairs", "dpo-precomputed": "pairs"}.get(kind, "text")
     files = {"train": str(folder / f"{name}.{'jsonl' if sft else 'txt'}")}
     files["validation"] = str(folder / f"{name}-valid.{'jsonl' if sft else 'txt'}")
     return CausalLMDataModule(
@@ -101,7 +122,11 @@ def first_gradient(
 ) -> torch.Tensor:
     """The first step's gradient of a fit of ``kind`` data split as given (dropout off)."""
     L.seed_everything(0)
-    model = module(kind)
+    if kind.startswith("dpo"):  # the DPO loss of the tiny base against itself: a mean over pairs
+        dpo = {"precompute_reference": kind == "dpo-precomputed"}
+        model = CausalLMModule(model_name_or_path=dpo_base(folder, tokenizer), objective="dpo", dpo=dpo)
+    else:
+        model = module(kind)
     grad = FirstGradient()
     fit = trainer(folder / "runs", devices, max_steps=1, accumulate_grad_batches=accumulate, callbacks=[grad])
     fit.fit(model, data_module(folder, tokenizer, kind, batch_size, packing))
@@ -274,6 +299,8 @@ def counted_fit(folder: Path, tokenizer: str, devices: int, poison=None, action=
 def main(out: Path, tokenizer: str) -> None:
     rank = int(os.environ.get("RANK", 0))
     folder = write_data(out / "data") if rank == 0 else out / "data"
+    if rank == 0:
+        dpo_base(folder, tokenizer)
     torch.distributed.init_process_group("gloo")  # Lightning takes this group over
     torch.distributed.barrier()
     torch.set_num_threads(1)
@@ -283,6 +310,8 @@ def main(out: Path, tokenizer: str) -> None:
         ("sft-2x2", "sft", 2, 2, False),
         ("sft-packed-2x2", "sft", 2, 2, True),
         ("text-2x2", "text", 2, 2, False),
+        ("dpo-2", "dpo", 2, 1, False),
+        ("dpo-precomputed-2", "dpo-precomputed", 2, 1, False),  # each process scores its share of the pairs
     ]:
         results[name] = first_gradient(folder, tokenizer, kind, batch, accumulate, 2, packing)
     chain = resume_chain(folder, tokenizer, batch_size=2, devices=2)

@@ -13,6 +13,7 @@ from steps_matrix import (
     TINY,
     counted_fit,
     data_module,
+    dpo_base,
     first_gradient,
     module,
     trainer,
@@ -149,6 +150,45 @@ def test_full_text_blocks_stay_exact_and_document_masking_too(data, bpe_tokenize
     documents = first_gradient(data, bpe_tokenizer_path, "documents", 8)  # fewer targets in some blocks
     assert _relative(first_gradient(data, bpe_tokenizer_path, "documents", 2, 4), documents) < 1e-5
     assert _relative(documents, text) > 1e-3  # documents are kept apart: another loss
+
+
+def test_one_dpo_step_is_the_mean_over_its_pairs_however_split(data, bpe_tokenizer_path, two_process_steps):
+    """Pairs whose sides have other lengths in every pair: batch 4, 2 x accumulate 2, 2 processes x 2."""
+    reference = first_gradient(data, bpe_tokenizer_path, "dpo", 4)
+    got = {"2 x 2": first_gradient(data, bpe_tokenizer_path, "dpo", 2, 2)}
+    for rank, results in enumerate(two_process_steps):  # the reference a copy, or precomputed by both ranks
+        got[f"2 processes x 2 (rank {rank})"] = results["grads"]["dpo-2"]
+        got[f"2 processes x 2, precomputed (rank {rank})"] = results["grads"]["dpo-precomputed-2"]
+    assert reference.norm() > 0 and max(_relative(g, reference) for g in got.values()) < 1e-5
+    assert _relative(first_gradient(data, bpe_tokenizer_path, "dpo", 2), reference) > 1e-3  # 2 pairs alone
+
+
+def test_a_dpo_step_with_padding_rows_is_the_mean_over_its_real_pairs(tmp_path, data, bpe_tokenizer_path):
+    """7 pairs, 4 a step: the second step has 3, as one micro-batch of 4 rows (one of them padding) or as 2
+    of 2 rows (the second half padding). A mean of micro-batch means, or a padding pair counted, differs."""
+    (tmp_path / "pairs.jsonl").write_text("".join((data / "pairs.jsonl").read_text().splitlines(True)[:7]))
+    (tmp_path / "pairs-valid.jsonl").write_text((data / "pairs-valid.jsonl").read_text())
+    grads = {}
+
+    class StepGradients(L.Callback):
+        def __init__(self, split):
+            self.split = split
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads[self.split, trainer.global_step] = torch.cat(
+                [p.grad.flatten() for p in pl_module.parameters()]
+            )
+
+    for split in [(4, 1), (2, 2)]:
+        L.seed_everything(0)
+        model = CausalLMModule(model_name_or_path=dpo_base(data, bpe_tokenizer_path), objective="dpo",
+                               learning_rate=0.0, lr_scheduler="constant")  # fmt: skip
+        fit = trainer(tmp_path / "runs", 1, max_epochs=1, accumulate_grad_batches=split[1],
+                      callbacks=[StepGradients(split)])  # fmt: skip
+        fit.fit(model, data_module(tmp_path, bpe_tokenizer_path, "dpo", split[0]))
+    assert sorted(step for _, step in grads) == [0, 0, 1, 1]
+    for step in (0, 1):
+        assert _relative(grads[(2, 2), step], grads[(4, 1), step]) < 1e-5, step
 
 
 # ----------------------------------------------------------------------------- one sync a step

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-BUILTIN_CORPORA = ("python-docs", "python-docs-qa")
+BUILTIN_CORPORA = ("python-docs", "python-docs-qa", "python-docs-pairs")
 _HEADING_RULE = re.compile(r"([*=\-~^])\1+")
 
 
@@ -28,36 +28,76 @@ def python_docs_texts() -> list[str]:
     return rows
 
 
-def python_docs_qa() -> dict[str, list[str]]:
-    """Prompt-completion pairs from the same manual: ``Explain the "for" statement.`` -> the first paragraph
-    of prose under that heading, one pair per distinct section heading (170)."""
+def _sections() -> dict[str, tuple[str, str | None]]:
+    """Per distinct section heading of the manual: the first paragraph of prose after it, and the paragraph of
+    prose after that one within the section (``None`` when the section has no other)."""
     from pydoc_data.topics import topics
 
-    pairs: dict[str, str] = {}
+    def is_heading(paragraph: str) -> bool:
+        lines = paragraph.strip("\n").split("\n")
+        return len(lines) == 2 and bool(_HEADING_RULE.fullmatch(lines[1])) and len(lines[1]) == len(lines[0])
+
+    sections: dict[str, tuple[str, str | None]] = {}
     for key in sorted(topics):
         paragraphs = topics[key].split("\n\n")
         for i, paragraph in enumerate(paragraphs):
-            lines = paragraph.strip("\n").split("\n")
-            is_heading = (
-                len(lines) == 2 and _HEADING_RULE.fullmatch(lines[1]) and len(lines[1]) == len(lines[0])
-            )
+            title = paragraph.strip("\n").split("\n")[0]
+            if not is_heading(paragraph) or title in sections:
+                continue
             # The first paragraph after the heading that is prose (code and grammar rules are indented).
-            prose = (p for p in paragraphs[i + 1 :] if p.strip() and not p.startswith(" "))
-            if is_heading and lines[0] not in pairs and (answer := next(prose, None)) is not None:
-                pairs[lines[0]] = answer.strip()
-    titles = list(pairs)
+            answer = next((p for p in paragraphs[i + 1 :] if p.strip() and not p.startswith(" ")), None)
+            if answer is None:
+                continue
+            end = next(
+                (j for j in range(i + 1, len(paragraphs)) if is_heading(paragraphs[j])), len(paragraphs)
+            )
+            prose = [p.strip() for p in paragraphs[i + 1 : end] if p.strip() and not p.startswith(" ")]
+            sections[title] = (
+                answer.strip(),
+                prose[1] if prose[:1] == [answer.strip()] and prose[1:] else None,
+            )
+    return sections
+
+
+def _question(title: str) -> str:
+    return f"Explain {title[0].lower() + title[1:] if title.startswith('The ') else title}.\n"
+
+
+def python_docs_qa() -> dict[str, list[str]]:
+    """Prompt-completion pairs from the same manual: ``Explain the "for" statement.`` -> the first paragraph
+    of prose under that heading, one pair per distinct section heading (170)."""
+    sections = _sections()
+    return {"prompt": [_question(t) for t in sections], "completion": [a for a, _ in sections.values()]}
+
+
+def python_docs_pairs() -> dict[str, list[str]]:
+    """Preference pairs from the ``python-docs-qa`` questions (170): ``chosen`` is the question's own
+    paragraph, ``rejected`` a paragraph of another question's section: the one after that question's answer
+    (question ``i`` takes that of the section half the list away, among the sections that have one).
+
+    No paragraph is chosen in one pair and rejected in another. With ``rejected`` the answer of another
+    question, every answer is both, and training on some pairs pushes the answers of the held-out ones the
+    wrong way (the held-out reward accuracy then falls: see the README).
+    """
+    sections = _sections()
+    answers = [a for a, _ in sections.values()]
+    others = [second for _, second in sections.values() if second is not None and second not in answers]
     return {
-        "prompt": [f"Explain {t[0].lower() + t[1:] if t.startswith('The ') else t}.\n" for t in titles],
-        "completion": [pairs[t] for t in titles],
+        "prompt": [_question(t) for t in sections],
+        "chosen": answers,
+        "rejected": [others[(i + len(others) // 2) % len(others)] for i in range(len(sections))],
     }
 
 
 def builtin_corpus(name: str) -> Dataset:
-    """A built-in corpus by name, as a one-split ``Dataset``: ``text``, or ``prompt`` and ``completion``."""
+    """A built-in corpus by name, as a one-split ``Dataset``: ``text``; ``prompt`` and ``completion``; or
+    ``prompt``, ``chosen`` and ``rejected``."""
     if name == "python-docs":
         return Dataset.from_dict({"text": python_docs_texts()})
     if name == "python-docs-qa":
         return Dataset.from_dict(python_docs_qa())
+    if name == "python-docs-pairs":
+        return Dataset.from_dict(python_docs_pairs())
     raise ValueError(f"corpus={name!r} is not a built-in corpus; choose one of {list(BUILTIN_CORPORA)}.")
 
 

@@ -11,7 +11,7 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lm_lightning.data import examples, formats
+from lm_lightning.data import examples, formats, preference
 from lm_lightning.data.formats import DataFormat
 from lm_lightning.data.global_batches import stream_step_collator, training_units
 from lm_lightning.data.loaders import map_style_loader
@@ -85,8 +85,8 @@ class CausalLMDataModule(L.LightningDataModule):
             local files; nothing downloaded in full, nothing cached), shards dealt to ranks and workers
             (``lm_lightning.streaming``). Repeats without end: train by ``--trainer.max_steps``. Needs a
             validation split, which stays cached and map-style. Text data only.
-        format: ``auto`` (detected as trl does: ``messages`` -> ``chat``, ``prompt`` and ``completion`` ->
-            ``prompt_completion``, else ``text``), or one of those.
+        format: ``auto`` (detected as trl does: ``messages`` -> ``chat``, ``chosen``/``rejected`` ->
+            ``preference``, ``prompt``/``completion`` -> ``prompt_completion``, else ``text``), or one.
         completion_only_loss: The loss on the completion (a chat's assistant turns) only, else on all.
         chat_template: A Jinja chat template file for chats, instead of the tokenizer's own.
         packing: Several examples per row of ``block_size``, kept apart, instead of one a row.
@@ -314,7 +314,7 @@ class CausalLMDataModule(L.LightningDataModule):
         raw = raw if raw is not None else self.load_raw()
         if self.data_format != "text":
             settings = ("completion_only_loss", "chat_template", "packing", "map_batch_size", "num_proc")
-            examples.write_example_cache(
+            preference.example_cache_writer(self.data_format)(
                 raw, path, self.tokenizer, self.data_format, self.block_size, self._held_out,
                 **{name: getattr(self, name) for name in settings},
             )  # fmt: skip
@@ -383,7 +383,7 @@ class CausalLMDataModule(L.LightningDataModule):
     def _collate_fn(self) -> Any:
         """Examples padded per batch; raw-text blocks as they are, or with their documents kept apart."""
         if self.data_format not in (None, "text"):
-            return examples.PadCollator(self.tokenizer.pad_token_id or 0)
+            return preference.example_collator(self.data_format, self.tokenizer.pad_token_id or 0)
         if self.document_masking:
             return examples.DocumentMaskingCollator(self.tokenizer.eos_token_id)
         return examples.BlockCollator()

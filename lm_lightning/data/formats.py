@@ -6,7 +6,9 @@ As trl's ``SFTTrainer`` reads them:
 - ``prompt_completion``: ``prompt`` and ``completion`` strings, tokenized apart and concatenated, EOS after
   the completion; the loss on the completion (and its EOS) only, unless ``completion_only_loss`` is off;
 - ``chat``: a ``messages`` list of ``{role, content}`` dicts, rendered by the tokenizer's chat template (or
-  one read from a file); the loss on the assistant turns only, unless ``completion_only_loss`` is off.
+  one read from a file); the loss on the assistant turns only, unless ``completion_only_loss`` is off;
+- ``preference``: ``chosen`` and ``rejected`` (with or without a ``prompt``), texts or chats, for DPO
+  (``lm_lightning.data.preference``).
 
 Each bad row raises a ``ValueError`` that names its split and row.
 """
@@ -27,8 +29,8 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from lm_lightning.data.sources import check_text_column
 
 IGNORE_INDEX = -100
-DataFormat = Literal["auto", "text", "prompt_completion", "chat"]
-FORMATS = ("auto", "text", "prompt_completion", "chat")
+DataFormat = Literal["auto", "text", "prompt_completion", "chat", "preference"]
+FORMATS = ("auto", "text", "prompt_completion", "chat", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 # The source row of each example, added before a validation split is held out, so errors name the row.
 ROW_COLUMN = "__row__"
@@ -48,7 +50,12 @@ def detect_format(columns: list[str], text_column: str, data_format: str, split:
     """The format of a split with these columns, as trl detects it, or ``data_format`` when not ``auto``."""
     if data_format not in FORMATS:
         raise ValueError(f"format={data_format!r} is unknown; choose one of {list(FORMATS)}.")
-    needs = {"text": [text_column], "prompt_completion": ["prompt", "completion"], "chat": ["messages"]}
+    needs = {
+        "text": [text_column],
+        "prompt_completion": ["prompt", "completion"],
+        "chat": ["messages"],
+        "preference": ["chosen", "rejected"],
+    }
     if data_format != "auto":
         missing = [c for c in needs[data_format] if c not in columns]
         if missing:
@@ -59,6 +66,14 @@ def detect_format(columns: list[str], text_column: str, data_format: str, split:
         return data_format
     if "messages" in columns:
         return "chat"
+    if "chosen" in columns or "rejected" in columns:
+        if "chosen" not in columns or "rejected" not in columns:
+            found, missing = ("chosen", "rejected") if "chosen" in columns else ("rejected", "chosen")
+            raise ValueError(
+                f"The {split!r} split has a {found!r} column but no {missing!r} column (its columns are "
+                f"{columns}): preference data needs both."
+            )
+        return "preference"
     if "prompt" in columns or "completion" in columns:
         if "prompt" not in columns or "completion" not in columns:
             found, missing = ("prompt", "completion") if "prompt" in columns else ("completion", "prompt")
@@ -265,9 +280,15 @@ def render_chat(
 
 
 def encode_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: Any, template: str, completion_only_loss: bool, where: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Any,
+    template: str,
+    completion_only_loss: bool,
+    where: str,
+    first_trained: int = 0,
 ) -> tuple[list[int], list[int]]:
-    """A chat's token ids and labels: -100 outside the assistant turns (with ``completion_only_loss``).
+    """A chat's token ids and labels: -100 outside the assistant turns (with ``completion_only_loss``), and
+    outside those from message ``first_trained`` on (a preference pair's answers after the shared chat).
 
     A template with ``{% generation %}`` markers gives the assistant mask itself (transformers'
     ``return_assistant_tokens_mask``). Without markers, which most templates lack, an assistant turn is the
@@ -286,11 +307,22 @@ def encode_chat(
                 f"{where}: the chat template does not render: {type(err).__name__}: {err}"
             ) from err
         ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        if first_trained:  # the tokens of the chat before that message, with the generation prompt
+            before = render_chat(
+                tokenizer, messages[:first_trained], template, where, add_generation_prompt=True
+            )
+            before_ids = list(tokenizer(before, add_special_tokens=False).input_ids)
+            if ids[: len(before_ids)] != before_ids:
+                raise ValueError(
+                    f"{where}: the chat template renders the shared conversation differently depending on "
+                    "what follows it, so the answer's tokens cannot be found."
+                )
+            mask = [0] * len(before_ids) + mask[len(before_ids) :]
     else:
         text = render_chat(tokenizer, messages, template, where)
         spans = []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or i < first_trained:
                 continue
             before = render_chat(tokenizer, messages[:i], template, where, add_generation_prompt=True)
             through = render_chat(tokenizer, messages[: i + 1], template, where)

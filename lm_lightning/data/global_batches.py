@@ -241,11 +241,13 @@ class StepRows(Dataset):
         if PADDING in micro.rows:  # padding rows look like padding to the collators: all labels -100
             rows = [dict(row) for row in rows]
             for row, index in zip(rows, micro.rows, strict=True):
-                ids = torch.as_tensor(row["input_ids"])
-                if index == PADDING:
-                    row["labels"] = torch.full_like(ids, IGNORE_INDEX)
-                else:
-                    row.setdefault("labels", ids)  # blocks of text: every row then has labels
+                # Each sequence of the row: "input_ids", or a preference pair's chosen_ and rejected_ ones.
+                for side in [key.removesuffix("input_ids") for key in row if key.endswith("input_ids")]:
+                    ids = torch.as_tensor(row[f"{side}input_ids"])
+                    if index == PADDING:
+                        row[f"{side}labels"] = torch.full_like(ids, IGNORE_INDEX)
+                    else:
+                        row.setdefault(f"{side}labels", ids)  # blocks of text: every row then has labels
         return rows, micro
 
 

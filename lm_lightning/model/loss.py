@@ -212,7 +212,7 @@ def _chunk_loss(
     """One chunk's summed loss and, as needed, its gradients for ``h`` (n, C), ``weight`` (in ``h``'s dtype)
     and ``bias`` (float32). The gradient of the summed loss with respect to the logits is
     ``softmax - one_hot``."""
-    logits = _apply_head_transform(F.linear(h, weight, bias).float(), transform)  # (n, V)
+    logits = apply_head_transform(F.linear(h, weight, bias).float(), transform)  # (n, V)
     valid = t != IGNORE_INDEX
     t = torch.where(valid, t, 0)
     lse = torch.logsumexp(logits, dim=-1)  # (n,)
@@ -223,7 +223,7 @@ def _chunk_loss(
     capped = 1 - (logits / transform["softcap"]) ** 2 if "softcap" in transform else None
     grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
     grad_logits.scatter_add_(1, t[:, None], -valid[:, None].to(grad_logits.dtype))
-    grad_logits = _chain_head_transform(grad_logits.mul_(valid[:, None]), capped, transform)
+    grad_logits = chain_head_transform(grad_logits.mul_(valid[:, None]), capped, transform)
     grad_bias = grad_logits.sum(0) if need_bias else None  # float32
     grad_logits = grad_logits.to(h.dtype)
     grad_hidden = grad_logits @ weight if need_hidden else None
@@ -302,7 +302,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def _apply_head_transform(logits: Tensor, transform: dict[str, float]) -> Tensor:
+def apply_head_transform(logits: Tensor, transform: dict[str, float]) -> Tensor:
     if "mul" in transform:
         logits = logits * transform["mul"]
     if "div" in transform:
@@ -312,7 +312,7 @@ def _apply_head_transform(logits: Tensor, transform: dict[str, float]) -> Tensor
     return logits
 
 
-def _chain_head_transform(grad: Tensor, capped: Tensor | None, transform: dict[str, float]) -> Tensor:
+def chain_head_transform(grad: Tensor, capped: Tensor | None, transform: dict[str, float]) -> Tensor:
     """The gradient with respect to the head's output, from that with respect to the transformed logits."""
     if capped is not None:
         grad = grad.mul_(capped)
@@ -323,34 +323,38 @@ def _chain_head_transform(grad: Tensor, capped: Tensor | None, transform: dict[s
     return grad
 
 
-class TokenNLL(Metric):
-    """Token-weighted mean negative log-likelihood over a whole split, summed across processes.
-
-    ``compute`` returns the mean NLL; perplexity is its exponential. Written here because
-    torchmetrics' ``Perplexity`` takes full logits, which the chunked loss never materialises.
-    """
+class ExactSums(Metric):
+    """A metric of float64 sums and int64 counts whose states keep their dtypes when its module is cast."""
 
     full_state_update = False
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n_tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
     def _apply(self, fn: Any, exclude_state: Any = ()) -> nn.Module:
-        """Move the states with the module, but keep their dtypes (float64 sum, int64 count).
+        """Move the states with the module, but keep their dtypes (float64 sums, int64 counts).
 
         torchmetrics guards ``.half()``, ``.double()`` and the like against dtype changes, but not
         ``.to(dtype)``, which Lightning's ``bf16-true``/``16-true`` plugins call on the whole LightningModule:
-        the sum would become bfloat16 (8-bit mantissa) and the perplexity wrong.
+        a sum would become bfloat16 (8-bit mantissa) and the perplexity wrong.
         """
-        keep = [key for key in ("nll_sum", "n_tokens") if key not in exclude_state]
+        keep = [key for key in self._defaults if key not in exclude_state]
         this = super()._apply(fn, exclude_state=(*keep, *exclude_state))
         for key in keep:
             device = fn(getattr(this, key)).device  # where fn moves the state; not its dtype
             this._defaults[key] = this._defaults[key].to(device)
             setattr(this, key, getattr(this, key).to(device))
         return this
+
+
+class TokenNLL(ExactSums):
+    """Token-weighted mean negative log-likelihood over a whole split, summed across processes.
+
+    ``compute`` returns the mean NLL; perplexity is its exponential. Written here because
+    torchmetrics' ``Perplexity`` takes full logits, which the chunked loss never materialises.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, nll_sum: Tensor, n_tokens: Tensor) -> None:
         """Add a batch's summed NLL and its number of target tokens."""

@@ -20,8 +20,9 @@ from transformers import (
 from lm_lightning.data.tokenizer import find_tokenizer, load_tokenizer
 from lm_lightning.errors import RunError, check_compatible
 from lm_lightning.generation.decoding import DecodingConfig, generate_texts, resolve_decodings
-from lm_lightning.model.build import DTYPES, build_model, model_config, model_kwargs, prepare_model
+from lm_lightning.model.build import build_model, model_config, model_kwargs, prepare_model
 from lm_lightning.model.checkpointing import check_checkpoint
+from lm_lightning.model.dpo import DPOSettings, Objective
 from lm_lightning.model.export import check_export_dir, save_hf_folder
 from lm_lightning.model.faults import NonFiniteAction
 from lm_lightning.model.flops import matmul_params, training_flops_per_batch
@@ -34,7 +35,7 @@ from lm_lightning.model.lora import (
     restore_frozen,
 )
 from lm_lightning.model.loss import TokenNLL, causal_lm_loss, unwrap_model
-from lm_lightning.model.optim import SCHEDULERS, ClipsFusedUnderBf16Mixed, SchedulerName, optimizers
+from lm_lightning.model.optim import ClipsFusedUnderBf16Mixed, SchedulerName, optimizers
 from lm_lightning.model.parallel import is_sharded
 from lm_lightning.model.portable import (
     add_portable_parts,
@@ -42,6 +43,8 @@ from lm_lightning.model.portable import (
     portable_parts,
     read_portable_parts,
 )
+from lm_lightning.model.preference import PreferenceTuning
+from lm_lightning.model.settings import check_module_settings
 from lm_lightning.model.sharded import consolidated, export_sharded, sharded_model
 from lm_lightning.model.training import ExactTraining
 
@@ -49,7 +52,7 @@ from lm_lightning.model.training import ExactTraining
 _LOADING_CHECKPOINT = contextvars.ContextVar("lm_lightning_loading_checkpoint", default=False)
 
 
-class CausalLMModule(ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule):
+class CausalLMModule(PreferenceTuning, ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule):
     """A causal language model (GPT-2 by default, any ``AutoModelForCausalLM``) for fit/validate/test.
 
     The model comes from ``model_name_or_path`` (pretrained weights) or, for training from scratch,
@@ -106,6 +109,10 @@ class CausalLMModule(ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule)
         lora: Train LoRA adapters on the pretrained model instead of all its weights
             (``lm_lightning.model.lora.LoraSettings``: ``r``, ``alpha``, ``dropout``, ``target_modules``,
             ``bias``, ``load_in_4bit``); checkpoints then hold the adapters only.
+        objective: ``lm`` (the next-token loss) or ``dpo`` (preference tuning on ``chosen``/``rejected``
+            pairs against the starting model: ``lm_lightning.model.preference``).
+        dpo: With ``objective='dpo'``, ``lm_lightning.model.dpo.DPOSettings``: ``beta``, ``loss``
+            (``sigmoid``, ``ipo``, ``hinge``), ``label_smoothing``, ``precompute_reference``.
     """
 
     def __init__(
@@ -130,39 +137,23 @@ class CausalLMModule(ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule)
         predict_decodings: list[str | DecodingConfig | dict[str, Any]] | None = None,
         on_nonfinite_loss: NonFiniteAction = "raise",
         lora: LoraSettings | None = None,
+        objective: Objective = "lm",
+        dpo: DPOSettings | None = None,
     ) -> None:
         super().__init__()
-        if model_name_or_path is None and config_name is None and model_config is None:
-            raise ValueError(
-                "No model given: set --model.model_name_or_path (pretrained, e.g. 'gpt2') or "
-                "--model.model_config / --model.config_name (train from scratch)."
-            )
-        if model_name_or_path is not None and (config_name or model_config):
-            raise ValueError(
-                f"model_name_or_path={model_name_or_path!r} loads a pretrained model; config_name and "
-                "model_config are for training from scratch. Set one or the other."
-            )
-        if lr_scheduler not in SCHEDULERS:
-            raise ValueError(f"lr_scheduler={lr_scheduler!r} is unknown; choose one of {list(SCHEDULERS)}.")
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is unknown; choose one of {list(DTYPES)}.")
-        if not 0 <= warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio={warmup_ratio} must be in [0, 1).")
-        if loss_chunk_size is not None and loss_chunk_size < 1:
-            raise ValueError(f"loss_chunk_size={loss_chunk_size} must be a positive integer or None.")
+        self.lora = lora_settings(lora)
+        check_module_settings(
+            model_name_or_path=model_name_or_path, config_name=config_name, model_config=model_config,
+            dtype=dtype, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio,
+            loss_chunk_size=loss_chunk_size, on_nonfinite_loss=on_nonfinite_loss, lora=self.lora,
+        )  # fmt: skip
         # Resolved now, so that an invalid decoding fails before any model is loaded.
         self.predict_decodings = resolve_decodings(predict_decodings or ["greedy"])
-        if on_nonfinite_loss not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite_loss={on_nonfinite_loss!r} is unknown; choose 'raise' or 'skip'.")
-        self.lora = lora_settings(lora)
-        if self.lora is not None and model_name_or_path is None:
-            raise ValueError(
-                "lora is set but the model is trained from scratch: LoRA adapts pretrained weights. Set "
-                "--model.model_name_or_path, or drop --model.lora to train all weights."
-            )
-        self.save_hyperparameters(ignore=["lora"])
+        self.init_objective(objective, dpo, model_name_or_path)
+        self.save_hyperparameters(ignore=["lora", "dpo"])
         # Plain data in checkpoints, which weights_only loading accepts.
-        self.hparams["lora"] = dataclasses.asdict(self.lora) if self.lora else None
+        for name, settings in (("lora", self.lora), ("dpo", self.dpo)):
+            self.hparams[name] = dataclasses.asdict(settings) if settings else None
         self.model: PreTrainedModel | None = None
         self._checkpoint_config: PretrainedConfig | None = None  # a checkpoint's own, once known
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -277,8 +268,11 @@ class CausalLMModule(ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule)
         )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """This micro-batch's share of its optimizer step's mean next-token loss (``model.step``)."""
+        """This micro-batch's share of its optimizer step's mean loss (``model.step``): the next-token loss,
+        or with ``objective='dpo'`` the DPO loss (``model.preference``)."""
         self._batch_shape = tuple(batch["input_ids"].shape)
+        if self.dpo is not None:
+            return self.preference_step(batch, batch_idx)
         nll, n_targets, aux = self._nll(batch, router_aux_loss=True)
         coef = unwrap_model(self.model).config.router_aux_loss_coef if aux is not None else 0.0
         return self.step_loss.objective(self, batch, nll, n_targets, batch_idx, aux, coef)
@@ -300,8 +294,9 @@ class CausalLMModule(ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule)
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the random states and the step boundary for an exact resume (``save_training_state``), the
         model's config and tokenizer (the checkpoint travels: ``lm_lightning.model.portable``); under LoRA,
-        the adapters alone."""
+        the adapters alone; the key of a precomputed DPO reference, never a reference's weights."""
         self.save_training_state(checkpoint)
+        self.save_reference_key(checkpoint)
         config = unwrap_model(self.model).config
         add_portable_parts(checkpoint, config, self._find_tokenizer())
         if is_peft_model(self.model):
@@ -311,6 +306,7 @@ class CausalLMModule(ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule)
         """Build the model from the checkpoint when it is not built yet (``configure_model``), and keep the
         saved random state and schedule until training goes on (``load_training_state``)."""
         self.load_training_state(checkpoint)
+        self.load_reference_key(checkpoint)
         config, tokenizer = portable_parts(checkpoint)
         self.tokenizer = tokenizer or self.tokenizer
         if self.model is None:
@@ -324,12 +320,16 @@ class CausalLMModule(ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule)
             restore_frozen(self, checkpoint, self.hparams.model_name_or_path)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Accumulate the batch's token NLL for the epoch's perplexity."""
+        """Accumulate the batch's token NLL for the epoch's perplexity (or its pairs' DPO loss, rewards)."""
         self._batch_shape = tuple(batch["input_ids"].shape)
+        if self.dpo is not None:
+            return self.update_pair_metrics(batch, "validation", self.val_pairs)
         self.val_nll.update(*self._nll(batch)[:2])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Accumulate the batch's token NLL for the test perplexity."""
+        """Accumulate the batch's token NLL for the test perplexity (or its pairs' DPO loss and rewards)."""
+        if self.dpo is not None:
+            return self.update_pair_metrics(batch, "test", self.test_pairs)
         self.test_nll.update(*self._nll(batch)[:2])
 
     def predict_step(self, batch: list[str] | dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
@@ -348,6 +348,8 @@ class CausalLMModule(ExactTraining, ClipsFusedUnderBf16Mixed, L.LightningModule)
         ]
 
     def _log_split(self, split: str, metric: TokenNLL) -> None:
+        if self.dpo is not None:
+            return self.log_pair_metrics(split, self.val_pairs if split == "val" else self.test_pairs)
         mean_nll = metric.compute()  # already summed over processes by torchmetrics
         metric.reset()
         self.log(f"{split}/loss", mean_nll.float(), prog_bar=split == "val")
