@@ -180,3 +180,27 @@ def test_a_change_of_the_global_batch_keeps_the_sample_position_and_the_steps_fo
         "--trainer.max_steps counts optimizer steps, of either size. The first step from here takes the 4 "
         "samples up to sample 24, where the steps of 6 start in this epoch's order." in text
     )
+
+
+@pytest.mark.parametrize("before", [(2, 1, 2), (4, 1, 1), (1, 2, 3), (3, 2, 1)])
+@pytest.mark.parametrize("after", [(4, 1, 1), (2, 1, 2), (2, 3, 1), (1, 2, 4), (5, 1, 1)])
+def test_any_split_goes_on_from_the_next_sample_with_lightnings_count_aligned(before, after):
+    # (batch_size, accumulate, world_size): 3 steps at the first split, the rest of the epoch at the second.
+    units = np.arange(1, 51)
+    saved = GlobalBatchSampler(units, *before, 0, seed=3)
+    drawn = iter(saved)
+    for _ in range(3 * before[1]):  # 3 steps of micro-batches
+        next(drawn)
+    state = saved.state_dict()
+    ranks = [GlobalBatchSampler(units, *after, r, seed=3) for r in range(after[2])]
+    for sampler in ranks:
+        sampler.load_state_dict(state)
+    yielded = [list(sampler) for sampler in ranks]
+    assert len({len(y) for y in yielded}) == 1  # every process the same number of micro-batches
+    rows = [row for y in yielded for mb in y for row in mb.rows if row != PADDING]
+    assert sorted(rows) == sorted(saved.order(0)[state["consumed"] :].tolist())  # each row left, once
+    done = ranks[0].resumed.batches_done
+    assert done + len(yielded[0]) == len(ranks[0])  # the epoch ends where Lightning's count does
+    first = yielded[0][0].step_micro_batches
+    if first < len(yielded[0]):  # Lightning steps after the first step's last micro-batch
+        assert (done + first) % after[1] == 0
