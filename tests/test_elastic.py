@@ -23,7 +23,7 @@ from elastic_matrix import CUT, END, fit, write_text
 
 from lm_lightning.data.global_batches import GlobalBatchSampler
 from lm_lightning.data.sampling import PADDING
-from lm_lightning.model.elastic import rng_report
+from lm_lightning.model.elastic import fresh_seed, rng_report
 
 HERE = Path(__file__).parent
 ROWS = 29  # training blocks of write_text's text
@@ -150,7 +150,7 @@ def test_the_resume_says_where_the_data_goes_on_and_what_the_random_states_do(ru
         "process x batch 4 x accumulate 1. The same global batch: the same samples in the same steps." in text
     )
     assert (
-        "Random states: the checkpoint holds 2 process(es)' states; rank 0 restores its own; the saved "
+        "Random states: the checkpoint holds the states of 2 processes; rank 0 restores its own; the saved "
         "states of rank 1 are not used. Dropout is off in this model: the random states do not change the "
         "training." in text
     )
@@ -158,7 +158,10 @@ def test_the_resume_says_where_the_data_goes_on_and_what_the_random_states_do(ru
     grow = rng_report(2, 4, 0.1)
     assert "ranks 0-1 restore their own; ranks 2-3 had none and draw new ones" in grow
     assert "Dropout is on (largest p = 0.1): a run resumed on 4 process(es) differs" in grow
+    assert "rank 1 had none and draws a new one (seeded from the run's seed, the step" in rng_report(1, 2, 0)
     assert rng_report(2, 2, 0.1) is None
+    seeds = {fresh_seed(rank, step) for rank in (2, 3) for step in (5, 6)}
+    assert len(seeds) == 4 and fresh_seed(2, 5) == fresh_seed(2, 5)  # new, and the same on a rerun
 
 
 def test_a_change_of_the_global_batch_keeps_the_sample_position_and_the_steps_follow(runs):

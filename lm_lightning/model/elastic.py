@@ -61,15 +61,20 @@ def rng_report(saved: int, world_size: int, dropout: float) -> str | None:
         unused = f"rank {world_size}" if saved - world_size == 1 else f"ranks {world_size}-{saved - 1}"
         parts.append(f"the saved states of {unused} are not used")
     else:
-        new = f"rank {saved}" if world_size - saved == 1 else f"ranks {saved}-{world_size - 1}"
-        parts.append(f"{new} had none and draw new ones (seeded from the run's seed, the step and the rank)")
+        new = (
+            f"rank {saved} had none and draws a new one"
+            if world_size - saved == 1
+            else f"ranks {saved}-{world_size - 1} had none and draw new ones"
+        )
+        parts.append(f"{new} (seeded from the run's seed, the step and the rank)")
     effect = (
         f"Dropout is on (largest p = {dropout:g}): a run resumed on {world_size} process(es) differs from "
-        f"one that goes on on {saved}, as each sample's dropout mask comes from another process's stream."
+        f"one that stays on {saved}, as each sample's dropout mask comes from another process's stream."
         if dropout > 0
         else "Dropout is off in this model: the random states do not change the training."
     )
-    return f"Random states: the checkpoint holds {saved} process(es)' states; {'; '.join(parts)}. {effect}"
+    holds = f"{saved} process{'es' if saved != 1 else ''}"
+    return f"Random states: the checkpoint holds the states of {holds}; {'; '.join(parts)}. {effect}"
 
 
 def largest_dropout(model: nn.Module | None) -> float:
