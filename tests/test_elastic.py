@@ -27,6 +27,8 @@ from lm_lightning.model.elastic import fresh_seed, rng_report
 
 HERE = Path(__file__).parent
 ROWS = 29  # training blocks of write_text's text
+# The shared fits: a 2-process launch and 6 fits in this process (about 40 s on 2 busy cores); CI runs them.
+uses_the_fits = pytest.mark.slow
 
 
 class Messages:
@@ -114,6 +116,7 @@ def order(epoch: int) -> list[int]:
     return GlobalBatchSampler(np.ones(ROWS), 1, seed=5).order(epoch).tolist()
 
 
+@uses_the_fits
 def test_the_straight_fits_take_the_global_order_on_any_number_of_processes(runs):
     one, two = steps(runs, "one-straight"), steps(runs, "straight")
     assert one == two and sorted(one) == list(range(END))
@@ -123,6 +126,7 @@ def test_the_straight_fits_take_the_global_order_on_any_number_of_processes(runs
     print(f"1 vs 2 processes, straight: max weight difference {diff:.2e}")
 
 
+@uses_the_fits
 @pytest.mark.parametrize(
     "cut, resumed, straight",
     [("cut", "two-to-one", "straight"), ("one-cut", "from-one", "one-straight"),
@@ -142,6 +146,7 @@ def test_a_resume_on_another_number_of_processes_goes_on_exactly(runs, cut, resu
     assert (runs[resumed]["step"], runs[resumed]["batches"]) == (END, (2, 10))  # 2 micro-batches into epoch 1
 
 
+@uses_the_fits
 def test_the_resume_says_where_the_data_goes_on_and_what_the_random_states_do(runs):
     text = "\n".join(runs["two-to-one messages"])
     assert (
@@ -164,6 +169,7 @@ def test_the_resume_says_where_the_data_goes_on_and_what_the_random_states_do(ru
     assert len(seeds) == 4 and fresh_seed(2, 5) == fresh_seed(2, 5)  # new, and the same on a rerun
 
 
+@uses_the_fits
 def test_a_change_of_the_global_batch_keeps_the_sample_position_and_the_steps_follow(runs):
     # Cut at step 5 of 4 rows (sample 20), resumed with steps of 6 rows to step 9: the first step takes the
     # 4 rows up to sample 24, the next the 5 left in epoch 0 (3 micro-batches, one padded), then epoch 1's.

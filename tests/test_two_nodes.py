@@ -26,6 +26,9 @@ from test_elastic import run_group
 
 from lm_lightning.data.sampling import PADDING
 
+# Multi-process: four launches (about a minute on 2 busy cores), still run in CI.
+pytestmark = pytest.mark.slow
+
 STEPS, SIGNALLED = 6, 3  # the fits run to step 6; rank 1 is sent SIGTERM inside step 3 (0-based)
 TIMEOUT = 300  # every process: a collective that never completes would hang the suite
 
