@@ -90,8 +90,10 @@ def largest_dropout(model: nn.Module | None) -> float:
 # ----------------------------------------------------------------------------- the data position
 def train_sampler(trainer: Any) -> GlobalBatchSampler | None:
     """The training loader's :class:`GlobalBatchSampler`, once the fit loop has set the loader up."""
-    combined = trainer.fit_loop._combined_loader  # set up by the fit loop before on_train_start
-    for loader in combined.flattened if combined is not None else []:
+    loaders = trainer.train_dataloader  # set up by the fit loop before on_train_start (None before)
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, GlobalBatchSampler):
             return sampler
