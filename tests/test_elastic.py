@@ -135,7 +135,8 @@ def test_the_straight_fits_take_the_global_order_on_any_number_of_processes(runs
 )  # fmt: skip
 def test_a_resume_on_another_number_of_processes_goes_on_exactly(runs, cut, resumed, straight):
     whole = steps(runs, straight)
-    print(f"{resumed}: rows of steps {CUT}-{END - 1}: {[steps(runs, resumed)[s] for s in range(CUT, END)]}")
+    rows = [steps(runs, resumed).get(s) for s in range(CUT, END)]
+    print(f"{resumed}: rows of steps {CUT}-{END - 1}: {rows}")
     assert steps(runs, cut) == {s: whole[s] for s in range(CUT)}
     assert steps(runs, resumed) == {s: whole[s] for s in range(CUT, END)}  # nothing repeated or skipped
     diff = max_diff(runs[resumed]["weights"], runs[straight]["weights"])
