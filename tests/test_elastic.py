@@ -90,11 +90,16 @@ def runs(tmp_path_factory, bpe_tokenizer_path) -> dict:
         one_cut = str(folder / "one-cut" / "last.ckpt")
         runs["six"] = fit(folder, tok, 1, "six", 9, ckpt_path=one_cut, batch_size=2, accumulate=3)
     fsdp_cut = str(folder / "fsdp-cut" / "last.ckpt")
+    environ = dict(os.environ)
     try:
         runs["fsdp-to-one"] = fit(folder, tok, 1, "fsdp-to-one", END, ckpt_path=fsdp_cut, fsdp=True)
     finally:
         if torch.distributed.is_initialized():  # the 1-process group of the sharded fit
             torch.distributed.destroy_process_group()
+        # Lightning set MASTER_PORT to the port of that group's store, which stays bound in this process:
+        # a later test's processes would inherit it and fail with EADDRINUSE.
+        os.environ.clear()
+        os.environ.update(environ)
     return runs
 
 

@@ -108,10 +108,15 @@ def write_config(folder: Path, tokenizer: str, texts: list[str]) -> Path:
     return path
 
 
+# Set by launchers: never inherited (torchrun sets its own; one process finds a free port).
+LAUNCHER = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
 def environment(folder: Path) -> dict[str, str]:
     path = os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER}
     # Loopback only: gloo binds to the interface of the host name unless told otherwise.
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    return {**inherited, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 def cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
