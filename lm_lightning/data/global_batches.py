@@ -14,7 +14,8 @@ accumulated, all-reduced gradient is that of the step's mean (``lm_lightning.mod
 
 The position is global: a checkpoint records the seed, the epoch and how many samples of the epoch's order are
 consumed (with the global batch it was consumed at), the same on every process, so rank 0's loader state
-(the one Lightning saves) is right for every rank.
+(the one Lightning saves) is right for every rank, and for any number of processes: a resume on another
+number goes on from the next sample of the same order (``lm_lightning.model.elastic``).
 """
 
 from __future__ import annotations
@@ -143,12 +144,19 @@ class GlobalBatchSampler(DistributedSampler):
         elif isinstance(limit_batches, int):
             self._epoch_batches = min(self._length, limit_batches)
         self.consumed = 0  # samples of this epoch's order consumed, by every process together
+        self._batches = 0  # micro-batches of this epoch yielded, or counted as done before a resume
         self._resume: dict[str, Any] | None = None
+        self.resumed: Resumed | None = None  # the position loaded last, until the fit has used it
 
     def _micro_batches_from(self, start: int) -> int:
-        left = max(self.num_rows - start, 0)
-        full, rest = divmod(left, self.global_batch)
-        return full * self.accumulate + math.ceil(rest / (self.batch_size * self.world_size))
+        """Micro-batches an epoch yields from sample ``start`` on, without a limit (see :meth:`__iter__`)."""
+        if start >= self.num_rows:
+            return 0
+        first_end = min((start // self.global_batch + 1) * self.global_batch, self.num_rows)
+        full, rest = divmod(self.num_rows - first_end, self.global_batch)
+        per_micro = self.batch_size * self.world_size
+        first = math.ceil((first_end - start) / per_micro)
+        return first + full * self.accumulate + math.ceil(rest / per_micro)
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's order of the rows: a function of the seed and the epoch only."""
@@ -159,15 +167,22 @@ class GlobalBatchSampler(DistributedSampler):
     def __len__(self) -> int:
         return self._length
 
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning's call at the start of each epoch: a new epoch's position starts at its first sample."""
+        if epoch != self.epoch:
+            self.consumed, self._batches = 0, 0
+        super().set_epoch(epoch)
+
     def __iter__(self) -> Iterator[MicroBatch]:
-        start = self._take_resume()
+        start, done = self._take_resume()
         order = self.order(self.epoch)
         per_micro = self.batch_size * self.world_size
-        budget = self._epoch_batches - start // per_micro  # micro-batches left (a resume starts on a step)
+        budget = self._epoch_batches - done  # micro-batches left, as Lightning counts them
         position = start
-        self.consumed = start
+        self.consumed, self._batches = start, done
         while position < self.num_rows and budget > 0:
-            end = min(position + self.global_batch, self.num_rows)
+            # Steps end on multiples of the global batch; only a resume after a change of it starts between.
+            end = min((position // self.global_batch + 1) * self.global_batch, self.num_rows)
             n_micro = min(math.ceil((end - position) / per_micro), budget)
             end = min(end, position + n_micro * per_micro)  # a step cut short by limit_train_batches
             step_rows = order[position:end]
@@ -177,22 +192,38 @@ class GlobalBatchSampler(DistributedSampler):
                 span = range(first, first + self.batch_size)
                 rows = tuple(int(order[p]) if p < end else PADDING for p in span)
                 self.consumed = min(position + (m + 1) * per_micro, end)
+                self._batches += 1
                 yield MicroBatch(rows, int(step_rows[0]), units, n_micro)
             budget -= n_micro
             position = end
 
-    def _take_resume(self) -> int:
+    def _take_resume(self) -> tuple[int, int]:
+        """The sample to start this epoch's iteration at, and the micro-batches counted as done before it."""
         resume, self._resume = self._resume, None
         if resume is None:
-            return 0
+            return 0, 0
         if resume["epoch"] != self.epoch:
             warnings.warn(
                 f"The checkpoint's data position is in epoch {resume['epoch']}, and training resumes epoch "
                 f"{self.epoch}: it starts from the beginning of epoch {self.epoch}.",
                 stacklevel=3,
             )
-            return 0
-        return int(resume["consumed"])
+            return 0, 0
+        return int(resume["consumed"]), self.batches_done(resume)
+
+    def batches_done(self, state: dict[str, Any]) -> int:
+        """The micro-batches of ``state``'s epoch that this sampler counts as done at ``state``'s position.
+
+        The count that Lightning's loop must hold (``batch_progress``) for its optimizer steps and the epoch's
+        end to fall where this sampler's do. With the global batch of ``state`` it is the saved count. With
+        another one the steps go on from the same sample: a step that starts between two multiples of the new
+        global batch takes the samples up to the next one, and counts as a whole step, its first micro-batches
+        done before it.
+        """
+        if state.get("epoch_done") or state["consumed"] >= self.num_rows:
+            return self._epoch_batches
+        done = self._length - self._micro_batches_from(int(state["consumed"]))
+        return min(done, self._epoch_batches)
 
     def state_dict(self) -> dict[str, Any]:
         """The global position: seed, epoch, samples of the epoch's order consumed, and the batch sizes."""
@@ -200,6 +231,7 @@ class GlobalBatchSampler(DistributedSampler):
             "seed": self.seed,
             "epoch": self.epoch,
             "consumed": self.consumed,
+            "epoch_done": self.consumed >= self.num_rows or self._batches >= self._epoch_batches,
             "num_rows": self.num_rows,
             "global_batch": self.global_batch,
             "batch_size": self.batch_size,
@@ -208,7 +240,8 @@ class GlobalBatchSampler(DistributedSampler):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Go on from ``state``'s position at the next iteration (of the same epoch)."""
+        """Go on from ``state``'s position at the next iteration (of the same epoch), whatever the number of
+        processes and the batch sizes that wrote it: :attr:`resumed` says from where, and how."""
         if "consumed" not in state:  # the per-rank sampler of older versions: not a global position
             raise ValueError(
                 "The checkpoint's data position is not a global one (an older lm_lightning wrote it): resume "
@@ -222,6 +255,22 @@ class GlobalBatchSampler(DistributedSampler):
             )
         self.epoch = int(state["epoch"])  # a loader with workers draws ahead before Lightning sets the epoch
         self._resume = dict(state)
+        self.resumed = Resumed(
+            state=dict(state),
+            batches_done=self.batches_done(state),
+            global_batch=self.global_batch,
+            split=(self.world_size, self.batch_size, self.accumulate),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """Where a loaded position goes on (``lm_lightning.model.elastic`` says so and aligns the loop to it)."""
+
+    state: dict[str, Any]  # the checkpoint's sampler state
+    batches_done: int  # micro-batches of the epoch counted as done, at this run's batch sizes
+    global_batch: int  # this run's
+    split: tuple[int, int, int]  # this run's processes, batch size and accumulation
 
 
 # ----------------------------------------------------------------------------- rows and batches

@@ -4,7 +4,8 @@
 - Checkpoints that record the last optimizer-step boundary (``lm_lightning.model.boundaries``), and
   validation intervals refused when they would fall inside a step.
 - A resume that restores each process's random state just before its first step, goes on from the saved
-  data position, and plans the LR schedule again when its length changed (``lm_lightning.model.optim``).
+  data position, and plans the LR schedule again when its length changed (``lm_lightning.model.optim``);
+  on any number of processes and with any global batch (``lm_lightning.model.elastic``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lm_lightning.model.checkpointing import (
     restore_loader_position,
     set_rng_states,
 )
+from lm_lightning.model.elastic import fresh_seed, resume_on_this_cluster, seed_all
 from lm_lightning.model.optim import replan_schedule, total_steps
 from lm_lightning.model.step import StepLoss
 
@@ -42,6 +44,8 @@ class ExactTraining:
         self.step_loss = StepLoss()
         self._boundary = StepBoundary()
         self._rng_states_to_restore: dict[str, Any] | None = None
+        self._fresh_rng_seed: int | None = None  # a rank that the checkpoint has no random state of
+        self._saved_rng_states = 0  # how many processes' random states the resumed checkpoint holds
         self._planned_steps: int | None = None  # the optimizer steps the LR schedule spans
         self._saved_schedule: dict[str, Any] | None = None  # that of a checkpoint being resumed
 
@@ -56,10 +60,13 @@ class ExactTraining:
             check_step_boundaries(self.trainer)
 
     def on_train_start(self) -> None:
-        """A resumed fit goes on from the saved position in the epoch (see ``restore_loader_position``), with
-        its LR schedule planned again from the step reached."""
+        """A resumed fit goes on from the saved position in the epoch (see ``restore_loader_position``), on
+        any number of processes (``resume_on_this_cluster``), with its LR schedule planned again from the step
+        reached."""
         trainer = self.trainer
         restore_loader_position(trainer)
+        resume_on_this_cluster(trainer, self._saved_rng_states, getattr(self, "model", None))
+        self._saved_rng_states = 0
         if math.isfinite(trainer.num_training_batches):
             check_epoch_fraction(trainer, int(trainer.num_training_batches))
         self.step_loss.reset()
@@ -76,6 +83,9 @@ class ExactTraining:
         if self._rng_states_to_restore is not None:
             set_rng_states(self._rng_states_to_restore)
             self._rng_states_to_restore = None
+        if self._fresh_rng_seed is not None:
+            seed_all(self._fresh_rng_seed)
+            self._fresh_rng_seed = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Once per optimizer step, after every backward: the step's one sync, then skip, raise or log."""
@@ -98,7 +108,12 @@ class ExactTraining:
         checkpoint[SCHEDULE_KEY] = {"planned_steps": self._planned_steps}
 
     def load_training_state(self, checkpoint: dict[str, Any]) -> None:
-        """Keep this process's saved random state and the saved schedule's length until training goes on."""
+        """Keep this process's saved random state (or, for a rank the checkpoint has none of, a new seed) and
+        the saved schedule's length until training goes on."""
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        self._rng_states_to_restore = rank_rng_states(checkpoint.get(RNG_KEY), rank)
+        saved = checkpoint.get(RNG_KEY)
+        self._saved_rng_states = len(saved) if isinstance(saved, list | tuple) else int(saved is not None)
+        self._rng_states_to_restore = rank_rng_states(saved, rank)
+        if self._rng_states_to_restore is None and saved is not None:
+            self._fresh_rng_seed = fresh_seed(rank, int(checkpoint.get("global_step", 0)))
         self._saved_schedule = checkpoint.get(SCHEDULE_KEY) or {}
