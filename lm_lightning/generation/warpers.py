@@ -55,6 +55,7 @@ class TopKTopPWarper(LogitsProcessor):
         self.min_tokens_to_keep = min_tokens_to_keep
         self.candidates = candidates
         self.tail_candidates = tail_candidates
+        self._bottom_first = False
         self.filter_value = filter_value
         self.rows = 0
         """Rows filtered by top-p so far, and of them, those filtered by transformers' full sort."""
@@ -75,13 +76,26 @@ class TopKTopPWarper(LogitsProcessor):
         self.rows += scores.shape[0]
         threshold = 1.0 - self.top_p.top_p
         margin = MARGIN * threshold
-        log_total = torch.logsumexp(scores.double(), dim=-1, keepdim=True)  # (B, 1)
-        filtered = scores.clone()
-        todo = torch.arange(scores.shape[0], device=scores.device)  # rows not decided yet
-        for cut in (self._cut_among_top, self._cut_among_bottom):
+        # log of the softmax's denominator: float32 exponentials summed in float64 (to about 1e-7 of it)
+        top = scores.amax(dim=-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        total = torch.exp(scores - top).sum(dim=-1, keepdim=True, dtype=torch.float64)
+        log_total = top.double() + torch.log(total)  # (B, 1)
+        # The side that decided more rows last time first: the steps of one generate call look alike.
+        cuts = [self._cut_among_top, self._cut_among_bottom]
+        if self._bottom_first:
+            cuts.reverse()
+        filtered, todo = None, torch.arange(scores.shape[0], device=scores.device)  # rows not decided yet
+        for cut in cuts:
             if not todo.numel():
                 break
             decided, rows_filtered = cut(scores[todo], log_total[todo], threshold, margin)
+            if cut is cuts[0]:
+                self._bottom_first = (cut == self._cut_among_bottom) == bool(decided.float().mean() >= 0.5)
+            if filtered is None and bool(decided.all()):
+                return rows_filtered  # the usual case: every row decided by the first side
+            if filtered is None:
+                filtered = scores.clone()
             filtered[todo[decided]] = rows_filtered[decided]
             todo = todo[~decided]
         if todo.numel():
