@@ -6,10 +6,11 @@ Two suites: ``quickstart`` (``configs/quickstart.yaml`` as shipped: 3 epochs, it
 included) and ``wikitext`` (the benchmarks' model, a random GPT-2 of 4 layers, 256 wide, with GPT-2's
 50,257-token vocabulary, on WikiText-2 blocks of 256, batch 8, lr 1e-3 cosine, ``--steps`` optimizer steps,
 then one validation over ``--val-batches`` batches). Both precisions run at the same time, each in its own
-process with ``--threads`` torch threads, so that both see the same load. Goal: bf16-mixed's final
+process with ``--threads`` torch threads, so that both see the same load (``--one-at-a-time``: one after the
+other, for the wall time of each alone). Goal: bf16-mixed's final
 perplexity within 2% of 32-true's.
 
-    python bench/bf16_parity.py --suite quickstart
+    python bench/bf16_parity.py --suite quickstart [--one-at-a-time]
     python bench/bf16_parity.py --suite wikitext --steps 60 --val-batches 16
 """
 
@@ -105,6 +106,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="wikitext: optimizer steps")
     parser.add_argument("--val-batches", type=int, default=16, help="wikitext: validation batches of 8")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each fit")
+    parser.add_argument(
+        "--one-at-a-time", action="store_true", help="one fit after the other (wall times of each alone)"
+    )
     parser.add_argument("--child", nargs=3, metavar=("SUITE", "PRECISION", "OPTIONS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -113,15 +117,12 @@ def main() -> None:
     opts = {"steps": args.steps, "val_batches": args.val_batches, "threads": args.threads}
     prepare(args.suite)
     load_before = common.load_average()
-    results = dict(
-        zip(
-            PRECISIONS,
-            common.run_children(
-                [(__file__, ["--child", args.suite, p, json.dumps(opts)]) for p in PRECISIONS]
-            ),
-            strict=True,
-        )
-    )
+    jobs = [(__file__, ["--child", args.suite, p, json.dumps(opts)]) for p in PRECISIONS]
+    if args.one_at_a_time:
+        reported = [common.run_child(script, child_args) for script, child_args in jobs]
+    else:
+        reported = common.run_children(jobs)
+    results = dict(zip(PRECISIONS, reported, strict=True))
     load = f"{load_before} {common.load_average()}"
     fp32, bf16 = results["32-true"], results["bf16-mixed"]
     relative = bf16["perplexity"] / fp32["perplexity"] - 1
@@ -136,7 +137,8 @@ def main() -> None:
         f"lr 1e-3 cosine, validation over {args.val_batches} batches",
     }[args.suite]
     figures = (
-        f"{setting}, cpu, {args.threads} torch thread(s) each, both at once: final val perplexity "
+        f"{setting}, cpu, {args.threads} torch thread(s) each, "
+        f"{'one after the other' if args.one_at_a_time else 'both at once'}: final val perplexity "
         f"32-true {fp32['perplexity']:.3f}, bf16-mixed {bf16['perplexity']:.3f} ({relative:+.2%}); fit wall "
         f"time 32-true {fp32['seconds']:.0f} s, bf16-mixed {bf16['seconds']:.0f} s ({speedup:.2f}x)"
     )
