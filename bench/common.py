@@ -115,6 +115,29 @@ def run_child(script: str, args: Sequence[str], env: dict[str, str] | None = Non
     return json.loads(lines[-1][len(_CHILD_MARKER) :])
 
 
+def run_children(jobs: Sequence[tuple[str, Sequence[str]]]) -> list[dict[str, Any]]:
+    """Run ``python script args`` for each job at the same time (so they share one load) and return what
+    each reported, in order."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for script, args in jobs
+    ]
+    results = []
+    for (script, args), proc in zip(jobs, procs, strict=True):
+        stdout, stderr = proc.communicate()
+        lines = [x for x in stdout.splitlines() if x.startswith(_CHILD_MARKER)]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+        results.append(json.loads(lines[-1][len(_CHILD_MARKER) :]))
+    return results
+
+
 def report_to_parent(result: dict[str, Any]) -> None:
     """Print a child's result where ``run_child`` finds it."""
     print(_CHILD_MARKER + json.dumps(result), flush=True)

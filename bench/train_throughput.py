@@ -3,12 +3,13 @@ eager and compiled (``compile=True``: the blocks and the chunked loss through in
 
 The same random GPT-2 (default: 4 layers, 256 wide, GPT-2's 50,257-token vocabulary), the same WikiText-2
 blocks (256 tokens, batch 8, packed by ``CausalLMDataModule``), the same optimizer settings (AdamW, lr 2e-5,
-weight decay 0.01, linear decay, gradient clipping at 1.0), the same precision. Each side runs in its own
-fresh process, interleaved and repeated: tokens per second over a fixed number of optimizer steps after
-warm-up steps. Ours runs as the CLI would (TensorBoard logger, progress bar with tok/s), without checkpoints,
-like the reference.
+weight decay 0.01, linear decay, gradient clipping at 1.0), in each precision (float32, and bf16-mixed:
+``TrainingArguments(bf16=True)`` on the reference's side), and the two sides' defaults compared. Each side
+runs in its own fresh process, interleaved and repeated: tokens per second over a fixed number of optimizer
+steps after warm-up steps. Ours runs as the CLI would (TensorBoard logger, progress bar with tok/s), without
+checkpoints, like the reference.
 
-    python bench/train_throughput.py                       # CPU, float32
+    python bench/train_throughput.py                       # CPU, float32 and bf16-mixed, both sides
     python bench/train_throughput.py --before /tmp/old     # also ours from another checkout, interleaved
     python bench/train_throughput.py --device cuda --model gpt2-124m --block 1024 --precision bf16-mixed
 
@@ -33,6 +34,7 @@ from bench import common  # noqa: E402
 GOAL_SPEEDUP = 1.10
 GOAL_SPEEDUP_COMPILED = 1.3
 GOAL_MFU = 0.45
+GOAL_DEFAULT = 1.8  # ours by default (bf16-mixed on a bf16 CPU) against transformers.Trainer by default
 MODELS = {
     "small": {"n_layer": 4, "n_embd": 256, "n_head": 4},
     "gpt2-124m": {"n_layer": 12, "n_embd": 768, "n_head": 12},  # GPT2Config's defaults: GPT-2 small
@@ -159,7 +161,13 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", choices=list(MODELS), default="small")
     parser.add_argument("--block", type=int, default=256, help="tokens per block")
-    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["32-true", "bf16-mixed"],
+        default=["32-true", "bf16-mixed"],
+        help="each side runs in each (transformers.Trainer: bf16=True for bf16-mixed)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before the clock starts")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps timed")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side; median reported")
@@ -176,48 +184,68 @@ def main() -> None:
         child(args.child[0], json.loads(args.child[1]))
         return
     common.require_shared_data()
-    opts = {
-        k: getattr(args, k) for k in ("device", "model", "block", "precision", "warmup", "steps", "threads")
-    }
+    opts = {k: getattr(args, k) for k in ("device", "model", "block", "warmup", "steps", "threads")}
     common.wikitext_blocks(args.block, "train")  # packs once into the cache, before any clock runs
 
-    runs: dict[str, list[dict]] = {"reference": [], "ours": [], "compiled": []}
-    if args.no_compile:
-        del runs["compiled"]
-    scripts = dict.fromkeys(runs, __file__)
+    sides = ["reference", "ours"] + ([] if args.no_compile else ["compiled"])
+    scripts = dict.fromkeys(sides, __file__)
     if args.before:  # that checkout's own script: it puts its own lm_lightning first on sys.path
-        runs["before"], scripts["before"] = [], str(Path(args.before) / "bench" / Path(__file__).name)
+        sides.append("before")
+        scripts["before"] = str(Path(args.before) / "bench" / Path(__file__).name)
+    runs: dict[tuple[str, str], list[dict]] = {(s, p): [] for p in args.precision for s in sides}
     loads = []
     for _ in range(args.repeats):
-        for side in runs:
+        for side, precision in runs:
             child_side = "ours" if side == "before" else side
-            runs[side].append(common.run_child(scripts[side], ["--child", child_side, json.dumps(opts)]))
+            child_opts = json.dumps({**opts, "precision": precision})
+            runs[side, precision].append(common.run_child(scripts[side], ["--child", child_side, child_opts]))
         loads.append(common.load_average())
-    rate = {side: common.median([r["tokens_per_s"] for r in v]) for side, v in runs.items()}
+    rate = {key: common.median([r["tokens_per_s"] for r in v]) for key, v in runs.items()}
     rows = [
-        [side, f"{rate[side]:,.0f}", " ".join(f"{r['tokens_per_s']:,.0f}" for r in v)]
-        for side, v in runs.items()
+        [side, precision, f"{rate[side, precision]:,.0f}", " ".join(f"{r['tokens_per_s']:,.0f}" for r in v)]
+        for (side, precision), v in runs.items()
     ]
-    common.print_table(["side", "median tok/s", "runs tok/s"], rows)
+    common.print_table(["side", "precision", "median tok/s", "runs tok/s"], rows)
 
+    n_params = next(iter(runs.values()))[0]["n_params"]
     setting = (
-        f"{args.model} GPT-2 ({runs['ours'][0]['n_params'] / 1e6:.1f} M parameters), block {args.block}, "
-        "batch 8, "
-        f"{args.device} {args.precision}, {args.threads or 'all'} torch thread(s), {args.steps} steps after "
-        f"{args.warmup}: "
+        f"{args.model} GPT-2 ({n_params / 1e6:.1f} M parameters), block {args.block}, batch 8, "
+        f"{args.device}, "
+        f"{args.threads or 'all'} torch thread(s), {args.steps} steps after {args.warmup}: "
     )
-    figures = setting + ", ".join(f"{side} {r:,.0f} tok/s" for side, r in rate.items())
+    figures = setting + "; ".join(
+        f"{precision}: " + ", ".join(f"{side} {rate[side, precision]:,.0f} tok/s" for side in sides)
+        for precision in args.precision
+    )
     if args.before:
         figures += f" (before: ours from {Path(args.before).name})"
     goals = {"ours": GOAL_SPEEDUP if args.device == "cpu" else 1.0, "compiled": GOAL_SPEEDUP_COMPILED}
-    versus = "; ".join(
-        f"{side} {rate[side] / rate['reference']:.2f}x the reference "
-        f"(goal >= {goal}: {common.verdict(rate[side] / rate['reference'] >= goal)})"
-        for side, goal in goals.items()
-        if side in rate
-    )
-    if args.before:
-        versus += f"; ours {rate['ours'] / rate['before']:.2f}x before"
+    verdicts = []
+    for precision in args.precision:
+        base = rate["reference", precision]
+        for side, goal in goals.items():
+            if (side, precision) in rate:
+                ratio = rate[side, precision] / base
+                ok = common.verdict(ratio >= goal)
+                verdicts.append(f"{precision}: {side} {ratio:.2f}x the reference (goal >= {goal}: {ok})")
+        if args.before:
+            verdicts.append(
+                f"{precision}: ours {rate['ours', precision] / rate['before', precision]:.2f}x before"
+            )
+    # What a user gets without setting a precision: ours resolves it from the hardware (bf16-mixed on a CPU
+    # with AVX512-BF16 or AMX), transformers.Trainer trains in float32 on CPU unless told bf16=True.
+    from lm_lightning.precision import resolve_precision
+
+    ours_default, why = resolve_precision()
+    theirs_default = "bf16-mixed" if args.device == "cuda" else "32-true"
+    if ("ours", ours_default) in rate and ("reference", theirs_default) in rate:
+        ratio = rate["ours", ours_default] / rate["reference", theirs_default]
+        goal = GOAL_DEFAULT if ours_default != theirs_default else GOAL_SPEEDUP
+        verdicts.append(
+            f"defaults (ours {ours_default}, {why.split(';')[0]}; theirs {theirs_default}): "
+            f"ours {ratio:.2f}x the reference (goal >= {goal}: {common.verdict(ratio >= goal)})"
+        )
+    versus = "; ".join(verdicts)
     if args.device == "cuda":
         import torch
 
@@ -228,13 +256,13 @@ def main() -> None:
 
         config = GPT2Config(vocab_size=50257, n_positions=args.block, **MODELS[args.model])
         per_token = training_flops_per_token(config, args.block)
-        mfu = {side: per_token * r / peak for side, r in rate.items()}
+        mfu = {f"{side} {precision}": per_token * r / peak for (side, precision), r in rate.items()}
         per_side = ", ".join(f"{side} {m:.1%}" for side, m in mfu.items())
         figures += (
             f"; MFU {per_side} of {peak / 1e12:.0f} TFLOP/s "
             f"(bf16 matmul measured on {torch.cuda.get_device_name()})"
         )
-        best = max(mfu[side] for side in mfu if side != "reference")
+        best = max(m for side, m in mfu.items() if not side.startswith("reference"))
         versus += f"; MFU {best:.1%} (goal >= {GOAL_MFU:.0%}: {common.verdict(best >= GOAL_MFU)})"
     print(f"{figures}\n  -> {versus}")
     common.append_row("train_throughput", figures, versus, " ".join(loads))

@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
@@ -43,15 +42,8 @@ from lm_lightning.model.faults import NonFiniteLossError
 from lm_lightning.model.interrupts import CheckpointOnInterrupt
 from lm_lightning.model.lora import check_qlora
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
+from lm_lightning.precision import default_precision, precision_line
 from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
-
-
-def default_precision() -> str:
-    """bf16 mixed precision on GPUs that support it, full float32 elsewhere."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
-
 
 # Module arguments that decide the shape of the weights: a checkpoint's values win over the config's.
 WEIGHT_DEFINING_KEYS = ("model_name_or_path", "config_name", "model_config", "tokenizer", "lora")
@@ -181,6 +173,8 @@ class CausalLMCLI(LightningCLI):
         # Fails before any data is tokenized or any weights are loaded (the model's config only).
         config = self._config()
         check_precision(config.trainer.precision, self.trainer.accelerator)
+        if self.trainer.is_global_zero:
+            print(precision_line(config.trainer.precision, self.trainer.strategy.root_device.type))
         if self.subcommand == "test":
             self.datamodule.source.check_split("test")
         if self.subcommand != "fit":

@@ -36,8 +36,8 @@ def check_precision(precision: Any, accelerator: Any) -> None:
         # Lightning turns this into bf16-mixed with a warning (fp16 autocast does not exist on CPU).
         raise RunError(
             f"trainer.precision={flag!r} needs a CUDA GPU: float16 mixed precision is not supported on CPU "
-            "(the accelerator here). On CPU use 32-true (default), bf16-mixed or 64-true; set "
-            "--trainer.precision accordingly."
+            "(the accelerator here). On CPU use 32-true, bf16-mixed (the default where the CPU has native "
+            "bf16) or 64-true; set --trainer.precision accordingly."
         )
     no_bf16 = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
     if on_cuda and flag.startswith("bf16") and no_bf16:

@@ -174,3 +174,12 @@ def two_process_steps(tmp_path_factory, bpe_tokenizer_path) -> list[dict]:
     )
     assert run.returncode == 0, run.stderr[-6000:]
     return [torch.load(out / f"ddp-rank{rank}.pt", weights_only=True) for rank in range(2)]
+
+
+@pytest.fixture(autouse=True)
+def float32_default_precision(monkeypatch):
+    """In-process runs default to 32-true whatever this CPU has, so figures do not depend on the machine
+    (``tests/test_precision.py`` mocks the CPU's capabilities to test the resolution itself)."""
+    from lm_lightning import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda capabilities=None: None)

@@ -235,3 +235,53 @@ def test_which_trainer_limits_leave_the_length_unknown():
     assert is_open_ended(-1, -1) and is_open_ended(None, -1, max_time="00:00:10:00")
     assert is_open_ended(1, -1, streaming=True)  # a streamed split has no length
     assert not is_open_ended(-1, 100) and not is_open_ended(None, 100, "00:00:10:00", streaming=True)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "capabilities", "mkldnn", "expected", "why"),
+    [
+        (None, {"avx512_bf16": True, "amx_bf16": False, "avx512_f": True}, True, "bf16-mixed", "AVX512-BF16"),
+        (None, {"avx512_bf16": True, "amx_bf16": True, "amx_tile": True}, True, "bf16-mixed", "AMX-BF16"),
+        (None, {"avx512_f": True, "avx2": True, "avx512_bf16": False}, True, "32-true", "no native bf16"),
+        (None, {"architecture": "aarch64", "bf16": True}, True, "32-true", "no native bf16"),  # not measured
+        (None, {"avx512_bf16": True}, False, "32-true", "no native bf16"),  # torch built without oneDNN
+        (None, None, True, "32-true", "no native bf16"),  # a torch without torch.cpu.get_capabilities
+        (True, {"avx512_bf16": True}, True, "bf16-mixed", "GPU-X has bf16"),
+        (False, {"avx512_bf16": True}, True, "32-true", "GPU-X has no bf16"),  # the GPU trains, not the CPU
+    ],
+)
+def test_default_precision_follows_what_torch_reports(monkeypatch, cuda, capabilities, mkldnn, expected, why):
+    from lm_lightning import precision
+
+    monkeypatch.undo()  # conftest pins the CPU feature to None for in-process runs: here it is the subject
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda is not None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bool(cuda))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "GPU-X")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: mkldnn)
+    if capabilities is None:
+        monkeypatch.delattr(torch.cpu, "get_capabilities")
+    else:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    resolved, reason = precision.resolve_precision()
+    assert resolved == expected and why in reason and reason.startswith("default")
+    assert precision.default_precision() == expected
+    # an explicit --trainer.precision always wins
+    for given in ("32-true", "bf16-mixed", "64-true"):
+        assert precision.resolve_precision(given) == (given, "--trainer.precision")
+    line = precision.precision_line(expected, "cpu")
+    assert line == f"Precision: {expected} on cpu ({reason})."
+    other = "64-true"
+    assert precision.precision_line(other, "cpu") == f"Precision: {other} on cpu (--trainer.precision)."
+
+
+@pytest.mark.parametrize(("feature", "expected"), [("AVX512-BF16", "bf16-mixed"), (None, "32-true")])
+def test_cli_default_is_the_resolved_precision_and_the_flag_wins(monkeypatch, capsys, feature, expected):
+    from lm_lightning import precision
+    from lm_lightning.cli import cli_main
+
+    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda capabilities=None: feature)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args, want in ([], expected), (["--trainer.precision", "64-true"], "64-true"):
+        with pytest.raises(SystemExit):
+            cli_main(["fit", "--print_config", *args])
+        assert f"  precision: {want}\n" in capsys.readouterr().out

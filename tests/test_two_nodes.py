@@ -90,6 +90,9 @@ def write_config(folder: Path, tokenizer: str, texts: list[str]) -> Path:
             "accelerator": "cpu", "strategy": "ddp", "devices": 1, "max_steps": STEPS,
             "val_check_interval": 2, "num_sanity_val_steps": 0, "enable_model_summary": False,
             "enable_progress_bar": False,
+            # float32 whatever this CPU has (bf16-mixed is the default on AMX/AVX512-BF16 CPUs): one process
+            # and two nodes must agree to 1e-6
+            "precision": "32-true",
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": "runs", "name": "nodes"}},
         },

@@ -290,6 +290,7 @@ def generate_texts(
                     input_ids=inputs["input_ids"].to(model.device),
                     attention_mask=inputs["attention_mask"].to(model.device),
                     generation_config=config,
+                    logits_processor=_sampling_warpers(config),
                     **strings,
                 )
             new_ids = output[:, prompt_length:].cpu()  # (batch * num_return_sequences, new)
@@ -308,6 +309,24 @@ def _generation_config(
     # A checkpoint's own generation config may list extra stop tokens (chat models do): keep stopping at them.
     config.eos_token_id = _merge_ids(config.eos_token_id, model.generation_config.eos_token_id)
     return config
+
+
+def _sampling_warpers(config: GenerationConfig) -> Any:
+    """transformers' temperature, top-k and top-p warpers as one ``TopKTopPWarper`` (the same tokens, without
+    sorting the vocabulary), taken out of ``config`` so that ``generate`` does not apply them twice."""
+    from transformers import LogitsProcessorList
+
+    from lm_lightning.generation.warpers import TopKTopPWarper
+
+    if not config.do_sample:
+        return LogitsProcessorList()
+    eos = _merge_ids(config.eos_token_id, None) or []
+    min_tokens_to_keep = (len(eos) + 1 if eos else 2) if (config.num_beams or 1) > 1 else 1  # as generate
+    temperature = 1.0 if config.temperature is None else config.temperature
+    top_p = 1.0 if config.top_p is None else config.top_p
+    warper = TopKTopPWarper(temperature, config.top_k or 0, top_p, min_tokens_to_keep)
+    config.temperature, config.top_k, config.top_p = 1.0, 0, 1.0
+    return LogitsProcessorList([warper])
 
 
 def _batches(lengths: list[int], batch_size: int, by_length: bool) -> list[list[int]]:
