@@ -12,15 +12,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser, set_parsing_settings
+from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lm_lightning.curves import CurvesCallback
 from lm_lightning.data.datamodule import CausalLMDataModule
 from lm_lightning.errors import (
+    RunError,
     check_compatible,
     check_precision,
     check_schedule_length,
@@ -42,6 +43,7 @@ from lm_lightning.model.faults import NonFiniteLossError
 from lm_lightning.model.interrupts import CheckpointOnInterrupt
 from lm_lightning.model.lora import check_qlora
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
+from lm_lightning.parsing import CLIParser, ExportParser, parsed_argv, remember_argv
 from lm_lightning.precision import default_precision, precision_line
 from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
 
@@ -159,7 +161,14 @@ class CausalLMCLI(LightningCLI):
             self.trainer_defaults["callbacks"] = [
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, TokensPerSecondProgressBar)
             ]
+        config = self._config()
+        given_logger = any(arg.startswith("--trainer.logger") for arg in parsed_argv())
+        quiet_predict = self.subcommand == "predict" and config.predictions.output_path and not given_logger
+        if quiet_predict:  # an explicit output file is all that predict writes (unless a logger is asked for)
+            kwargs["logger"] = False
         trainer = super().instantiate_trainer(**kwargs)
+        if quiet_predict:
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
         if self.subcommand not in (None, "fit"):
             # Evaluation writes no checkpoint; restoring the fit's checkpoint callbacks would only warn that
             # their folder "has changed", and Lightning's reminder that they are absent is moot here.
@@ -177,6 +186,11 @@ class CausalLMCLI(LightningCLI):
             print(precision_line(config.trainer.precision, self.trainer.strategy.root_device.type))
         if self.subcommand == "test":
             self.datamodule.source.check_split("test")
+        if self.subcommand == "predict" and self.datamodule.prompts is None:
+            raise RunError(
+                "predict needs prompts: set --data.prompts '[\"Once upon a time\"]' or --data.prompts_file "
+                "FILE (one prompt a line, or a .jsonl of chats)."
+            )
         if self.subcommand != "fit":
             check_trained(self.subcommand, config.ckpt_path, self.model.hparams.model_name_or_path)
         if config.get("ckpt_path"):
@@ -259,7 +273,8 @@ def export_main(args: list[str]) -> None:
     from jsonargparse import auto_cli
 
     try:
-        out = auto_cli(export_checkpoint, args=args, parser_class=ArgumentParser, prog=f"{PROG} export")
+        remember_argv(args)
+        out = auto_cli(export_checkpoint, args=args, parser_class=ExportParser, prog=f"{PROG} export")
     except Exception as err:
         if is_user_error(err):
             report_and_exit(err, 2)
@@ -274,6 +289,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
     argv = sys.argv[1:] if args is None else args
     wants_help = any(arg.startswith(("-h", "--help")) or arg.endswith(".help") for arg in argv)
     set_parsing_settings(docstring_parse_attribute_docstrings=wants_help)
+    remember_argv(args)
     trainer_defaults: dict[str, Any] = {
         "precision": default_precision(),
         "logger": {
@@ -295,6 +311,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
             CausalLMDataModule,
             trainer_defaults=trainer_defaults,
             save_config_kwargs={"overwrite": True},
+            parser_class=CLIParser,
             parser_kwargs={"prog": PROG, "description": __doc__.splitlines()[0]},
             args=args,
             run=run,

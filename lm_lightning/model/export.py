@@ -60,8 +60,8 @@ def check_export_dir(
         return
     raise RunError(
         f"{setting}={str(output_dir)!r} is a folder that holds other files and no earlier export: nothing "
-        "was written. Give a new or empty folder, or add --overwrite to replace only its model and tokenizer "
-        "files (others are kept)."
+        "was written. Give a new or empty folder, or add --overwrite true to replace only its model and "
+        "tokenizer files (others are kept)."
     )
 
 
