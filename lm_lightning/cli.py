@@ -15,9 +15,17 @@ from typing import Any
 from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from lm_lightning.console import (
+    VERBOSE_ENV,
+    ModelOnlySummary,
+    RunBanner,
+    closing_lines,
+    is_verbose,
+    quiet_libraries,
+)
 from lm_lightning.curves import CurvesCallback
 from lm_lightning.data.datamodule import CausalLMDataModule
 from lm_lightning.errors import (
@@ -39,6 +47,7 @@ from lm_lightning.model.checkpointing import (
     resolve_best,
     resolve_last,
 )
+from lm_lightning.model.export import check_export_dir, check_export_owner
 from lm_lightning.model.faults import NonFiniteLossError
 from lm_lightning.model.interrupts import CheckpointOnInterrupt
 from lm_lightning.model.lora import check_qlora
@@ -60,11 +69,23 @@ class CausalLMCLI(LightningCLI):
     goes on logging into that version.
     """
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, less ``Trainer.validate``/``test``'s own ``verbose``: ``--verbose`` is ours."""
+        return {name: {*skip, "verbose"} for name, skip in LightningCLI.subcommands().items()}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.tokenizer", "model.tokenizer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(JSONLPredictionWriter, "predictions")
+        parser.add_argument(
+            "--verbose",
+            type=bool,
+            default=False,
+            help="Show Lightning's own lines (devices, model summary, tips) and the known library warnings; "
+            f"also {VERBOSE_ENV}=1.",
+        )
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/perplexity",
@@ -106,6 +127,8 @@ class CausalLMCLI(LightningCLI):
         """Parse, then check ``--ckpt_path`` (Lightning next reads the model's settings from that file)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        self.verbose = is_verbose((self.config[subcommand] if subcommand else self.config).get("verbose"))
+        quiet_libraries(self.verbose)  # before the seed and the trainer log their lines
         if subcommand and self.config[subcommand].get("ckpt_path"):
             self._resolve_ckpt_path(self.config[subcommand], subcommand)
         self._given_config = copy.deepcopy(self.config)  # before Lightning merges the checkpoint's settings
@@ -169,6 +192,11 @@ class CausalLMCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if quiet_predict:
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+        # Quiet: the run's one line says the parameters; verbose: Lightning's summary, of the model alone.
+        summaries = [c for c in trainer.callbacks if type(c) in (ModelSummary, RichModelSummary)]
+        trainer.callbacks = [c for c in trainer.callbacks if c not in summaries]
+        if self.verbose and summaries:
+            trainer.callbacks.append(ModelOnlySummary(max_depth=1))
         if self.subcommand not in (None, "fit"):
             # Evaluation writes no checkpoint; restoring the fit's checkpoint callbacks would only warn that
             # their folder "has changed", and Lightning's reminder that they are absent is moot here.
@@ -198,6 +226,9 @@ class CausalLMCLI(LightningCLI):
             self.model.use_checkpoint(config.ckpt_path)
             if self.model.tokenizer is not None:
                 self.datamodule.use_tokenizer(self.model.tokenizer)
+        if self.subcommand == "fit" and self.model.hparams.export_dir not in (None, True, False):
+            check_export_dir(self.model.hparams.export_dir, setting="--model.export_dir")
+            check_export_owner(self.model.hparams.export_dir, self.trainer.log_dir)
         check_qlora(
             self.model.lora, self.trainer.strategy.root_device.type, not self.model.hparams.model_name_or_path
         )
@@ -213,6 +244,10 @@ class CausalLMCLI(LightningCLI):
             check_schedule_length(config.model.lr_scheduler, config.model.warmup_ratio, open_ended)
 
     before_fit = before_validate = before_test = before_predict = _check_run
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print("\n".join(closing_lines(self.trainer, self.model)))
 
     def after_predict(self) -> None:
         writer = next((c for c in self.trainer.callbacks if isinstance(c, JSONLPredictionWriter)), None)
@@ -298,6 +333,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
         },
         # Persistent: added to whatever trainer.callbacks the config lists.
         "callbacks": [
+            RunBanner(),
             TokensPerSecondProgressBar(),
             ValidationSummary(),
             CheckpointOnInterrupt(),
