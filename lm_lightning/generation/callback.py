@@ -23,11 +23,12 @@ class TextGenerationCallback(L.Callback):
     """Continues fixed prompts with each decoding setting at the end of every validation, or every N steps.
 
     The samples go to the console (each on its own lines), to TensorBoard as text, to any other logger with a
-    ``log_text`` method (Weights & Biases), and to ``jsonl_name`` in the run's log folder, one JSON line per continuation.
-    The LightningModule must expose the Hugging Face model as ``model`` and the tokenizer as ``tokenizer``
-    (or the datamodule as ``tokenizer``), so it also works with a plain ``lightning.Trainer`` in a notebook.
-    Only the global-zero process generates; the others do nothing, so no process waits for another. For that
-    reason parameters sharded across processes (FSDP, DeepSpeed ZeRO-3) are refused at setup.
+    ``log_text`` method (Weights & Biases), and to ``jsonl_name`` in the run's log folder, one JSON line per
+    continuation. The LightningModule must expose the Hugging Face model as ``model`` and the tokenizer as
+    ``tokenizer`` (or the datamodule as ``tokenizer``), so it also works with a plain ``lightning.Trainer`` in
+    a notebook. Only the global-zero process generates; the others do nothing, so no process waits for
+    another. For that reason parameters sharded across processes (FSDP, DeepSpeed ZeRO-3) are refused at
+    setup.
     """
 
     def __init__(
