@@ -53,7 +53,7 @@ from lm_lightning.model.interrupts import CheckpointOnInterrupt
 from lm_lightning.model.lora import check_qlora
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
 from lm_lightning.parsing import CLIParser, ExportParser, parsed_argv, remember_argv
-from lm_lightning.precision import default_precision, precision_line
+from lm_lightning.precision import default_precision, precision_reason
 from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
 
 # Module arguments that decide the shape of the weights: a checkpoint's values win over the config's.
@@ -131,6 +131,10 @@ class CausalLMCLI(LightningCLI):
         quiet_libraries(self.verbose)  # before the seed and the trainer log their lines
         if subcommand and self.config[subcommand].get("ckpt_path"):
             self._resolve_ckpt_path(self.config[subcommand], subcommand)
+        elif subcommand in ("validate", "test") and run_root(self.config[subcommand].trainer.logger):
+            # Outside weights (--model.model_name_or_path): runs/NAME/validate/version_N, not a fit version.
+            init_args = self.config[subcommand].trainer.logger.init_args
+            init_args.name = f"{init_args.name}/{subcommand}" if init_args.name else subcommand
         self._given_config = copy.deepcopy(self.config)  # before Lightning merges the checkpoint's settings
 
     def _resolve_ckpt_path(self, config: Any, subcommand: str) -> None:
@@ -151,11 +155,16 @@ class CausalLMCLI(LightningCLI):
         checkpoint = check_checkpoint(ckpt_path)
         path = Path(ckpt_path)
         version = path.parent.parent.name if root is not None and path.parent.parent.parent == root else None
-        if version is not None:
-            # Write into the run the checkpoint belongs to: fit goes on in its version folder; validate, test
-            # and predict write into a subfolder of it (no new version_N per evaluation).
+        if version is not None and subcommand in ("fit", "predict"):
+            # Write into the run the checkpoint belongs to: fit goes on in its version folder; predict writes
+            # into its predict/ subfolder.
             subfolder = version if subcommand == "fit" else f"{version}/{subcommand}"
             config.trainer.logger.init_args.version = subfolder
+        elif version is not None:
+            # Each evaluation of the run's checkpoints in a numbered folder of its own
+            # (version_0/validate/version_1), so that TensorBoard keeps them apart.
+            init_args = config.trainer.logger.init_args
+            init_args.name, init_args.version = f"{init_args.name}/{version}/{subcommand}", None
         if subcommand == "fit":
             self._announce_resume(config, path, checkpoint)
 
@@ -210,10 +219,10 @@ class CausalLMCLI(LightningCLI):
         # Fails before any data is tokenized or any weights are loaded (the model's config only).
         config = self._config()
         check_precision(config.trainer.precision, self.trainer.accelerator)
-        if self.trainer.is_global_zero:
-            print(precision_line(config.trainer.precision, self.trainer.strategy.root_device.type))
-        if self.subcommand == "test":
-            self.datamodule.source.check_split("test")
+        for banner in (c for c in self.trainer.callbacks if isinstance(c, RunBanner)):
+            banner.reason = precision_reason(config.trainer.precision)  # said on the run's one line
+        if self.subcommand in ("validate", "test"):
+            self.datamodule.source.check_split("test" if self.subcommand == "test" else "validation")
         if self.subcommand == "predict" and self.datamodule.prompts is None:
             raise RunError(
                 "predict needs prompts: set --data.prompts '[\"Once upon a time\"]' or --data.prompts_file "

@@ -170,6 +170,11 @@ CASES = [
         "--ckpt_path last: no last*.ckpt under runs/tiny",
     ),
     (
+        "no best checkpoint to validate",
+        ["validate", "--ckpt_path", "best"],
+        "--ckpt_path best: no run with checkpoints under runs/tiny",
+    ),
+    (
         "fp16 mixed precision on CPU",
         ["fit", "--trainer.precision", "16-mixed"],
         "trainer.precision='16-mixed' needs a CUDA GPU",
@@ -300,6 +305,19 @@ def test_bad_input_fails_fast_clearly_and_writes_nothing(run_dir, args, message,
             capfd,
             monkeypatch,
         )
+
+
+def test_validate_and_test_need_only_their_split(run_dir, monkeypatch, capsys):
+    for verb, split, key in (
+        ("validate", "validation", "val/perplexity"),
+        ("test", "test", "test/perplexity"),
+    ):
+        files = f"{{{split}: valid.txt}}"
+        assert run_cli(monkeypatch, verb, "--config", "tiny.yaml", *HF, "--data.data_files", files) == 0
+        assert key in capsys.readouterr().out
+    # Outside weights: runs/NAME/validate/version_N, not a version_N of a fit.
+    assert sorted(p.name for p in (run_dir / "runs" / "tiny").iterdir()) == ["test", "validate"]
+    assert (run_dir / "runs" / "tiny" / "validate" / "version_0").is_dir()
 
 
 def test_predict_into_a_given_file_writes_that_file_alone(run_dir, monkeypatch):

@@ -213,7 +213,10 @@ class CausalLMDataModule(L.LightningDataModule):
     def _load_raw(self) -> DatasetDict:
         files_cache = self._scratch.get() if self.source.data_files is not None else None
         raw = self.source.load(streaming=self.streaming, files_cache=files_cache)
-        if "train" not in raw and not self.streaming:
+        # validate and test need only their split (a validation split is held out of train when missing).
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        needs_train = stage in (None, "fit") or (stage == "validate" and "validation" not in raw)
+        if "train" not in raw and not self.streaming and needs_train:
             raise ValueError(f"The data source has no 'train' split; its splits are {list(raw)}.")
         self.data_format = formats.resolve_format(raw, self.text_column, self.format_setting, self.skip_empty)
         formats.check_text_only(self.data_format, self.streaming, self.document_masking, self.eval_stride)

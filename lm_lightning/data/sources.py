@@ -280,7 +280,7 @@ def check_text_column(ds: Dataset, text_column: str, split: str) -> None:
 
 def hold_out_validation(raw: DatasetDict, percentage: float, seed: int) -> DatasetDict:
     """``raw`` with a ``validation`` split: the source's own, or ``percentage`` of train rows (seeded)."""
-    if "validation" not in raw:
+    if "validation" not in raw and "train" in raw:
         # keep_in_memory only without cache files: datasets 5.2 then also names an indices cache file
         # for a file-backed split and raises "use either keep_in_memory or indices_cache_file_name".
         held_out = raw["train"].train_test_split(
