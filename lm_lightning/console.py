@@ -120,7 +120,7 @@ def closing_lines(trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]
     """Where a finished fit's results are, a line each: best and last checkpoints, export, curves."""
     step, epochs = trainer.global_step, trainer.current_epoch
     if 0 < trainer.max_steps <= step:
-        lines = [f"fit done: max_steps={trainer.max_steps} reached ({epochs} epochs)."]
+        lines = [f"fit done: max_steps={trainer.max_steps} reached ({epochs} epoch{'s' * (epochs != 1)})."]
     elif trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epochs:
         lines = [f"fit done: max_epochs={trainer.max_epochs} reached ({step} optimizer steps)."]
     else:
