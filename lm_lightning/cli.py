@@ -256,7 +256,7 @@ class CausalLMCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
-            print("\n".join(closing_lines(self.trainer, self.model)))
+            print("\n" + "\n".join(closing_lines(self.trainer, self.model)), flush=True)  # below the bar
 
     def after_predict(self) -> None:
         writer = next((c for c in self.trainer.callbacks if isinstance(c, JSONLPredictionWriter)), None)

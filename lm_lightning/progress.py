@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lm_lightning.data.examples import real_tokens
@@ -44,9 +45,17 @@ class TokensPerSecondProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The epoch's bar from the start, with its epoch and total: Lightning's first shows 'Training: 0/?'
         # until the epoch starts, and a fit resumed mid-epoch never gets past it (that epoch has begun).
-        bar = self.init_train_tqdm()
-        bar.reset(total=convert_inf(self.total_train_batches))
-        bar.set_description(f"Epoch {trainer.current_epoch}")
+        bar = Tqdm(
+            desc=f"Epoch {trainer.current_epoch}",
+            total=convert_inf(self.total_train_batches),
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )  # Lightning's init_train_tqdm, with the epoch and total
         self.train_progress_bar, self._epoch_bar_ready, self._first_batch = bar, True, True
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
