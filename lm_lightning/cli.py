@@ -28,6 +28,7 @@ from lm_lightning.console import (
 )
 from lm_lightning.curves import CurvesCallback
 from lm_lightning.data.datamodule import CausalLMDataModule
+from lm_lightning.data.formats import chat_template_of
 from lm_lightning.errors import (
     RunError,
     check_compatible,
@@ -228,6 +229,8 @@ class CausalLMCLI(LightningCLI):
                 "predict needs prompts: set --data.prompts '[\"Once upon a time\"]' or --data.prompts_file "
                 "FILE (one prompt a line, or a .jsonl of chats)."
             )
+        if self.subcommand == "predict" and not isinstance(self.datamodule.prompts[0], str):
+            chat_template_of(self.datamodule.tokenizer, self.datamodule.chat_template)  # chats need one
         if self.subcommand != "fit":
             check_trained(self.subcommand, config.ckpt_path, self.model.hparams.model_name_or_path)
         if config.get("ckpt_path"):

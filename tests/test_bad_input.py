@@ -56,6 +56,7 @@ def run_dir(tmp_path, bpe_tokenizer_path, doc_texts, tiny_gpt2, monkeypatch) -> 
         "pc_empty.jsonl": [*pairs[:2], {"prompt": "Q?", "completion": ""}],
         "completion_only.jsonl": [{"completion": "An answer."}],
         "chat.jsonl": [{"messages": chat}] * 3,
+        "chat_prompt.jsonl": [{"messages": chat[:1]}],
         "chat_no_assistant.jsonl": [{"messages": chat}, {"messages": chat[:1]}],
         "chat_role.jsonl": [{"messages": [{"role": "wizard", "content": "Hi"}, chat[1]]}],
         "body.jsonl": [{"body": "A text."}, {"body": "Another one."}],
@@ -105,6 +106,11 @@ CASES = [
         "predict without prompts",
         ["predict", *HF],
         "predict needs prompts: set --data.prompts",
+    ),
+    (
+        "chat prompts without a template",
+        ["predict", *HF, "--data.prompts_file", "chat_prompt.jsonl"],
+        "Chat data needs a chat template, and the tokenizer 'hf' has none",
     ),
     (
         "missing file",
@@ -438,3 +444,20 @@ def test_the_export_hint_to_overwrite_parses(run_dir, capfd, monkeypatch):
     err = capfd.readouterr().err
     assert "add --overwrite true to replace only its model and tokenizer files" in err
     check_hints(command, err, capfd, monkeypatch)
+
+
+def test_the_readmes_chat_predict_command_runs_offline(run_dir, monkeypatch):
+    """The README's chat example, as written, on a model folder without a chat template of its own."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Chat prompts for predict.**") :]
+    echo, command = [line for line in section.split("```bash\n", 1)[1].split("```")[0].splitlines() if line]
+    chat = echo.removeprefix("echo '").split("' > ")
+    (run_dir / chat[1]).write_text(chat[0] + "\n")
+    (run_dir / "configs").mkdir()
+    (run_dir / "configs" / "chat-template.jinja").write_text(
+        (Path(__file__).parents[1] / "configs" / "chat-template.jinja").read_text()
+    )
+    args = command.replace("DIR", "hf").split()[3:]  # after 'python -m lm_lightning'
+    assert run_cli(monkeypatch, *args, "--model.predict_decodings", "[{max_new_tokens: 3}]") == 0
+    written = sorted(run_dir.glob("runs/lm_lightning/version_0/predictions.jsonl"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["prompt"].startswith("Explain")
