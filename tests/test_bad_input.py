@@ -461,3 +461,18 @@ def test_the_readmes_chat_predict_command_runs_offline(run_dir, monkeypatch):
     assert run_cli(monkeypatch, *args, "--model.predict_decodings", "[{max_new_tokens: 3}]") == 0
     written = sorted(run_dir.glob("runs/lm_lightning/version_0/predictions.jsonl"))
     assert len(written) == 1 and json.loads(written[0].read_text())["prompt"].startswith("Explain")
+
+
+def test_from_python_a_block_longer_than_the_model_fails_before_the_cache(run_dir, bpe_tokenizer_path):
+    from conftest import quiet_trainer
+
+    from lm_lightning import CausalLMDataModule, CausalLMModule
+    from lm_lightning.errors import RunError
+
+    data = CausalLMDataModule(
+        tokenizer=bpe_tokenizer_path, data_files={"train": "train.txt"}, block_size=100, cache_dir="cache"
+    )
+    module = CausalLMModule(model_config={"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64})
+    with pytest.raises(RunError, match=r"set block_size \(--data.block_size\) to at most 64"):
+        quiet_trainer(run_dir, max_steps=1).fit(module, data)
+    assert not (run_dir / "cache").exists()

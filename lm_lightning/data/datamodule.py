@@ -34,7 +34,7 @@ from lm_lightning.data.tokenizer import (
     tokenizer_files_fingerprint,
     tokenizer_fingerprint,
 )
-from lm_lightning.errors import RunError
+from lm_lightning.errors import RunError, check_compatible
 
 
 class CausalLMDataModule(L.LightningDataModule):
@@ -321,6 +321,11 @@ class CausalLMDataModule(L.LightningDataModule):
         """Tokenize and pack every split into the on-disk cache, unless it is there already."""
         if not self.has_source or self._predicting():
             return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if callable(
+            getattr(module, "build_config", None)
+        ):  # before any block is cached (a plain Trainer too)
+            check_compatible(module.build_config(self.tokenizer), self.tokenizer, self.block_size)
         path = self._cache_path()
         raw, self._raw = self._raw, None  # not kept: the module holds only the packed blocks
         if is_cached(path):
