@@ -1,14 +1,16 @@
 """What a run prints besides its progress: a quiet start (one line on what runs where), the closing lines of a
 fit (where every result went), and the library chatter that is left out unless ``--verbose true``.
 
-Known library lines are filtered where they come from: Lightning's info lines by its loggers' level, and each
-known warning by a ``warnings`` filter on its own message. Other warnings still show.
+Known library lines are filtered where they come from: each known Lightning info line by a filter on its
+loggers' handlers, and each known warning by a ``warnings`` filter on its own message. Other lines and
+warnings still show.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,8 @@ KNOWN_WARNINGS = (
     # peft sets fan_in_fan_out for GPT-2's Conv1D layers itself, and says so.
     r"fan_in_fan_out is set to False but the target module is `Conv1D`",
     # transformers' own attribute, read by peft when it prepares a model.
-    r".*is_gradient_checkpointing.*",
-    # Lightning's tip to install litlogger, its progress-bar notice about workers.
+    r"`is_gradient_checkpointing` is deprecated",
+    # Lightning's notice about loader workers: the data module's loaders read memory-mapped blocks.
     r"The '\w+_dataloader' does not have many workers",
 )
 
@@ -39,11 +41,31 @@ def is_verbose(flag: bool | None = None) -> bool:
     return bool(flag) or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+# Lightning's info lines that the run's own line (or the closing lines) already say; its other info lines,
+# and ours sent through rank_zero_info (a resumed schedule, an interrupt's checkpoint), still show.
+KNOWN_LINES = re.compile(
+    r"(GPU|TPU|HPU) available: |💡 Tip: |Seed set to |LOCAL_RANK: |Loading `train_dataloader` to estimate "
+    r"|`Trainer\.fit` stopped: |Restoring states from the checkpoint path |Restored all states from the "
+    r"|Using (bfloat16|16bit) Automatic Mixed Precision|You are using a CUDA device "
+)
+
+
+class _KnownLines(logging.Filter):
+    """Drops the records of ``KNOWN_LINES``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not KNOWN_LINES.match(record.getMessage())
+
+
 def quiet_libraries(verbose: bool) -> None:
-    """Leave out Lightning's info lines (devices, litlogger's tip, seeds) and the known library warnings."""
-    level = logging.INFO if verbose else logging.WARNING
+    """Leave out Lightning's known info lines (devices, litlogger's tip, seeds) and the known library
+    warnings, unless ``verbose``; both come back with it."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(level)
+        for handler in logging.getLogger(name).handlers:
+            for old in [f for f in handler.filters if isinstance(f, _KnownLines)]:
+                handler.removeFilter(old)
+            if not verbose:
+                handler.addFilter(_KnownLines())
     if not verbose:
         for message in KNOWN_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
