@@ -73,8 +73,9 @@ class TextGenerationCallback(L.Callback):
         check_whole_parameters(trainer, "TextGenerationCallback generates")
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # During fit only: `validate` prints its metric, not the samples of the fit again.
-        if self.every_n_steps is None and not trainer.sanity_checking and trainer.state.fn == "fit":
+        # Not in `validate` or `test`: they print their metric, not the samples of the fit again.
+        evaluating = trainer.state.fn in ("validate", "test")
+        if self.every_n_steps is None and not trainer.sanity_checking and not evaluating:
             self.sample(trainer, pl_module)
 
     def on_train_batch_end(
