@@ -39,6 +39,7 @@ from lm_lightning.errors import (
     is_user_error,
     report_and_exit,
 )
+from lm_lightning.generation.callback import TextGenerationCallback
 from lm_lightning.generation.writer import JSONLPredictionWriter
 from lm_lightning.model.boundaries import check_step_boundaries
 from lm_lightning.model.checkpointing import (
@@ -210,7 +211,9 @@ class CausalLMCLI(LightningCLI):
         if self.subcommand not in (None, "fit"):
             # Evaluation writes no checkpoint; restoring the fit's checkpoint callbacks would only warn that
             # their folder "has changed", and Lightning's reminder that they are absent is moot here.
-            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+            # The config's sampling callback is the fit's: validate prints its metric, not the samples again.
+            fit_only = (ModelCheckpoint, TextGenerationCallback)
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, fit_only)]
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

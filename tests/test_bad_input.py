@@ -319,8 +319,10 @@ def test_validate_and_test_need_only_their_split(run_dir, monkeypatch, capsys):
         ("test", "test", "test/perplexity"),
     ):
         files = f"{{{split}: valid.txt}}"
-        assert run_cli(monkeypatch, verb, "--config", "tiny.yaml", *HF, "--data.data_files", files) == 0
-        assert key in capsys.readouterr().out
+        code = run_cli(monkeypatch, verb, "--config", "tiny.yaml", *HF, "--data.data_files", files, *SAMPLER)
+        out = capsys.readouterr().out
+        assert code == 0 and key in out
+        assert "Samples at" not in out  # the fit's sampling callback: not in an evaluation
     # Outside weights: runs/NAME/validate/version_N, not a version_N of a fit.
     assert sorted(p.name for p in (run_dir / "runs" / "tiny").iterdir()) == ["test", "validate"]
     assert (run_dir / "runs" / "tiny" / "validate" / "version_0").is_dir()

@@ -73,9 +73,7 @@ class TextGenerationCallback(L.Callback):
         check_whole_parameters(trainer, "TextGenerationCallback generates")
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Not in `validate` or `test`: they print their metric, not the samples of the fit again.
-        evaluating = trainer.state.fn in ("validate", "test")
-        if self.every_n_steps is None and not trainer.sanity_checking and not evaluating:
+        if self.every_n_steps is None and not trainer.sanity_checking:
             self.sample(trainer, pl_module)
 
     def on_train_batch_end(
