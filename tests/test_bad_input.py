@@ -70,6 +70,10 @@ def run_dir(tmp_path, bpe_tokenizer_path, doc_texts, tiny_gpt2, monkeypatch) -> 
     )
     (tmp_path / "broken.jinja").write_text("{{ raise_exception('Conversation roles must alternate') }}")
     (tmp_path / "typo.yaml").write_text("data:\n  blok_size: 32\n")
+    (tmp_path / "old_export").mkdir()
+    (tmp_path / "old_export" / "lm_lightning_export.json").write_text(
+        '{"files": [], "run": "runs/old/version_3"}'
+    )
     write_tiny_config(tmp_path, bpe_tokenizer_path, doc_texts)
     return tmp_path
 
@@ -179,6 +183,11 @@ CASES = [
         "no best checkpoint to validate",
         ["validate", "--ckpt_path", "best"],
         "--ckpt_path best: no run with checkpoints under runs/tiny",
+    ),
+    (
+        "export folder of another run",
+        ["fit", "--model.export_dir", "old_export"],
+        "--model.export_dir='old_export' holds the export of run runs/old/version_3: this fit would replace",
     ),
     (
         "fp16 mixed precision on CPU",

@@ -402,7 +402,7 @@ class CausalLMModule(PreferenceTuning, ExactTraining, ClipsFusedUnderBf16Mixed, 
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         path = fit_export_dir(self.hparams.export_dir, log_dir)
         if path is not None and is_sharded(self.model):  # every rank gathers its shards, rank 0 writes
-            export_sharded(self.model, self._find_tokenizer(), path, self.trainer.is_global_zero)
+            export_sharded(self.model, self._find_tokenizer(), path, self.trainer.is_global_zero, run=log_dir)
         elif path is not None and self.trainer.is_global_zero:
             self.export_hf(path, run=log_dir)
         self.exported = path
