@@ -38,8 +38,9 @@ class TokensPerSecondProgressBar(TQDMProgressBar):
         self._last = now
         if self._first_batch:  # resumed at batch_idx: the rate counts this run's batches only
             self._first_batch = self._epoch_bar_ready = False
-            self.train_progress_bar.initial = batch_idx
-            self.train_progress_bar.start_t = self.train_progress_bar._time()
+            bar = self.train_progress_bar
+            if not bar.disable:  # disabled (ranks but zero): a bare object
+                bar.initial, bar.start_t = batch_idx, time.time()  # tqdm's own clock
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
