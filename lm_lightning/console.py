@@ -79,9 +79,9 @@ def format_params(count: int) -> str:
     return str(count)
 
 
-def run_line(trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> str:
+def run_line(trainer: L.Trainer, pl_module: L.LightningModule, split: str, reason: str | None = None) -> str:
     """``gpt2 from scratch · 3.49 M params | python-docs: 8,802 blocks of 128 | 32-true on cpu (2 threads)``:
-    the model, the data of ``split``, the precision and the device."""
+    the model, the data of ``split``, the precision and the device (and ``reason``: why that precision)."""
     model = describe_model(pl_module)
     if not getattr(pl_module, "hparams", {}).get("model_name_or_path"):
         model = model.replace(" · ", " from scratch · ", 1)
@@ -95,21 +95,27 @@ def run_line(trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> st
     elif data is not None:
         parts.append(describe_data(data))
     device = trainer.strategy.root_device
-    where = f"{device.type} ({torch.get_num_threads()} threads)" if device.type == "cpu" else device.type
+    details = [f"{torch.get_num_threads()} threads"] if device.type == "cpu" else []
     if device.type == "cuda":
-        where = f"cuda ({torch.cuda.get_device_name(device)})"
-    if trainer.world_size > 1:
-        where = f"{trainer.world_size} x {where}"
-    parts.append(f"{trainer.precision} on {where}")
+        details = [torch.cuda.get_device_name(device)]
+    details += [reason] if reason else []
+    where = f"{trainer.world_size} x {device.type}" if trainer.world_size > 1 else device.type
+    parts.append(f"{trainer.precision} on {where}" + (f" ({'; '.join(details)})" if details else ""))
     return " | ".join(parts)
 
 
 class RunBanner(L.Callback):
-    """One line at the start of each fit, validate, test or predict: model, data, precision and device."""
+    """One line at the start of each fit, validate, test or predict: model, data, precision and device.
+
+    ``reason``: why the run has its precision (``lm_lightning.precision.precision_reason``), set by the CLI.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
 
     def _show(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
         if trainer.is_global_zero:
-            print(run_line(trainer, pl_module, split), flush=True)
+            print(run_line(trainer, pl_module, split, self.reason), flush=True)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._show(trainer, pl_module, "train")
