@@ -46,7 +46,7 @@ LORA_DATA = [
     "--data.block_size", "128", "--data.batch_size", "16",
 ]  # fmt: skip
 QUICKSTART = ["--config", "configs/quickstart.yaml"]
-QUICKSTART_EXPORT = "runs/quickstart/hf_model"
+QUICKSTART_EXPORT = "runs/quickstart/version_0/hf_model"
 SMOKE_FIT = [
     "--trainer.max_epochs",
     "1",
@@ -79,7 +79,7 @@ RECIPES = [
     Recipe(
         "quickstart", "Quickstart: a small GPT-2 from scratch on the Python docs",
         "`configs/quickstart.yaml`: 4 layers, 256 wide, a 1,024-token BPE tokenizer trained on the corpus, "
-        "3 epochs.",
+        "6 epochs.",
         [Step("fit", "fit", QUICKSTART)],
     ),
     Recipe(
@@ -100,7 +100,7 @@ RECIPES = [
             Step("before LoRA", "validate", ["--model.model_name_or_path", QUICKSTART_EXPORT, *LORA_DATA]),
             Step("fit", "fit", [
                 "--model.model_name_or_path", QUICKSTART_EXPORT, "--model.lora", "{r: 8}",
-                "--model.learning_rate", "1e-3", "--model.export_dir", "runs/quickstart-lora/hf_model",
+                "--model.learning_rate", "1e-3", "--model.export_dir", "true",
                 *LORA_DATA,
                 "--trainer.max_epochs", "2", "--trainer.logger.init_args.name", "quickstart-lora",
             ]),

@@ -12,15 +12,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser, set_parsing_settings
+from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, RichModelSummary
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from lm_lightning.console import (
+    VERBOSE_ENV,
+    ModelOnlySummary,
+    RunBanner,
+    closing_lines,
+    is_verbose,
+    quiet_libraries,
+)
 from lm_lightning.curves import CurvesCallback
 from lm_lightning.data.datamodule import CausalLMDataModule
+from lm_lightning.data.formats import chat_template_of
 from lm_lightning.errors import (
+    RunError,
     check_compatible,
     check_precision,
     check_schedule_length,
@@ -29,6 +39,7 @@ from lm_lightning.errors import (
     is_user_error,
     report_and_exit,
 )
+from lm_lightning.generation.callback import TextGenerationCallback
 from lm_lightning.generation.writer import JSONLPredictionWriter
 from lm_lightning.model.boundaries import check_step_boundaries
 from lm_lightning.model.checkpointing import (
@@ -38,11 +49,13 @@ from lm_lightning.model.checkpointing import (
     resolve_best,
     resolve_last,
 )
+from lm_lightning.model.export import check_export_dir, check_export_owner
 from lm_lightning.model.faults import NonFiniteLossError
 from lm_lightning.model.interrupts import CheckpointOnInterrupt
 from lm_lightning.model.lora import check_qlora
 from lm_lightning.model.module import CausalLMModule, export_checkpoint
-from lm_lightning.precision import default_precision, precision_line
+from lm_lightning.parsing import CLIParser, ExportParser, parsed_argv, remember_argv
+from lm_lightning.precision import default_precision, precision_reason
 from lm_lightning.progress import TokensPerSecondProgressBar, ValidationSummary
 
 # Module arguments that decide the shape of the weights: a checkpoint's values win over the config's.
@@ -58,11 +71,23 @@ class CausalLMCLI(LightningCLI):
     goes on logging into that version.
     """
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, less ``Trainer.validate``/``test``'s own ``verbose``: ``--verbose`` is ours."""
+        return {name: {*skip, "verbose"} for name, skip in LightningCLI.subcommands().items()}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.tokenizer", "model.tokenizer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(JSONLPredictionWriter, "predictions")
+        parser.add_argument(
+            "--verbose",
+            type=bool,
+            default=False,
+            help="Show Lightning's own lines (devices, model summary, tips) and the known library warnings; "
+            f"also {VERBOSE_ENV}=1.",
+        )
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/perplexity",
@@ -104,8 +129,14 @@ class CausalLMCLI(LightningCLI):
         """Parse, then check ``--ckpt_path`` (Lightning next reads the model's settings from that file)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        self.verbose = is_verbose((self.config[subcommand] if subcommand else self.config).get("verbose"))
+        quiet_libraries(self.verbose)  # before the seed and the trainer log their lines
         if subcommand and self.config[subcommand].get("ckpt_path"):
             self._resolve_ckpt_path(self.config[subcommand], subcommand)
+        elif subcommand in ("validate", "test") and run_root(self.config[subcommand].trainer.logger):
+            # Outside weights (--model.model_name_or_path): runs/NAME/validate/version_N, not a fit version.
+            init_args = self.config[subcommand].trainer.logger.init_args
+            init_args.name = f"{init_args.name}/{subcommand}" if init_args.name else subcommand
         self._given_config = copy.deepcopy(self.config)  # before Lightning merges the checkpoint's settings
 
     def _resolve_ckpt_path(self, config: Any, subcommand: str) -> None:
@@ -126,11 +157,16 @@ class CausalLMCLI(LightningCLI):
         checkpoint = check_checkpoint(ckpt_path)
         path = Path(ckpt_path)
         version = path.parent.parent.name if root is not None and path.parent.parent.parent == root else None
-        if version is not None:
-            # Write into the run the checkpoint belongs to: fit goes on in its version folder; validate, test
-            # and predict write into a subfolder of it (no new version_N per evaluation).
+        if version is not None and subcommand in ("fit", "predict"):
+            # Write into the run the checkpoint belongs to: fit goes on in its version folder; predict writes
+            # into its predict/ subfolder.
             subfolder = version if subcommand == "fit" else f"{version}/{subcommand}"
             config.trainer.logger.init_args.version = subfolder
+        elif version is not None:
+            # Each evaluation of the run's checkpoints in a numbered folder of its own
+            # (version_0/validate/version_1), so that TensorBoard keeps them apart.
+            init_args = config.trainer.logger.init_args
+            init_args.name, init_args.version = f"{init_args.name}/{version}/{subcommand}", None
         if subcommand == "fit":
             self._announce_resume(config, path, checkpoint)
 
@@ -159,11 +195,25 @@ class CausalLMCLI(LightningCLI):
             self.trainer_defaults["callbacks"] = [
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, TokensPerSecondProgressBar)
             ]
+        config = self._config()
+        given_logger = any(arg.startswith("--trainer.logger") for arg in parsed_argv())
+        quiet_predict = self.subcommand == "predict" and config.predictions.output_path and not given_logger
+        if quiet_predict:  # an explicit output file is all that predict writes (unless a logger is asked for)
+            kwargs["logger"] = False
         trainer = super().instantiate_trainer(**kwargs)
+        if quiet_predict:
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+        # Quiet: the run's one line says the parameters; verbose: Lightning's summary, of the model alone.
+        summaries = [c for c in trainer.callbacks if type(c) in (ModelSummary, RichModelSummary)]
+        trainer.callbacks = [c for c in trainer.callbacks if c not in summaries]
+        if self.verbose and summaries:
+            trainer.callbacks.append(ModelOnlySummary(max_depth=1))
         if self.subcommand not in (None, "fit"):
             # Evaluation writes no checkpoint; restoring the fit's checkpoint callbacks would only warn that
             # their folder "has changed", and Lightning's reminder that they are absent is moot here.
-            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+            # The config's sampling callback is the fit's: validate prints its metric, not the samples again.
+            fit_only = (ModelCheckpoint, TextGenerationCallback)
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, fit_only)]
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -173,10 +223,17 @@ class CausalLMCLI(LightningCLI):
         # Fails before any data is tokenized or any weights are loaded (the model's config only).
         config = self._config()
         check_precision(config.trainer.precision, self.trainer.accelerator)
-        if self.trainer.is_global_zero:
-            print(precision_line(config.trainer.precision, self.trainer.strategy.root_device.type))
-        if self.subcommand == "test":
-            self.datamodule.source.check_split("test")
+        for banner in (c for c in self.trainer.callbacks if isinstance(c, RunBanner)):
+            banner.reason = precision_reason(config.trainer.precision)  # said on the run's one line
+        if self.subcommand in ("validate", "test"):
+            self.datamodule.source.check_split("test" if self.subcommand == "test" else "validation")
+        if self.subcommand == "predict" and self.datamodule.prompts is None:
+            raise RunError(
+                "predict needs prompts: set --data.prompts '[\"Once upon a time\"]' or --data.prompts_file "
+                "FILE (one prompt a line, or a .jsonl of chats)."
+            )
+        if self.subcommand == "predict" and not isinstance(self.datamodule.prompts[0], str):
+            chat_template_of(self.datamodule.tokenizer, self.datamodule.chat_template)  # chats need one
         if self.subcommand != "fit":
             check_trained(self.subcommand, config.ckpt_path, self.model.hparams.model_name_or_path)
         if config.get("ckpt_path"):
@@ -184,6 +241,9 @@ class CausalLMCLI(LightningCLI):
             self.model.use_checkpoint(config.ckpt_path)
             if self.model.tokenizer is not None:
                 self.datamodule.use_tokenizer(self.model.tokenizer)
+        if self.subcommand == "fit" and self.model.hparams.export_dir not in (None, True, False):
+            check_export_dir(self.model.hparams.export_dir, setting="--model.export_dir")
+            check_export_owner(self.model.hparams.export_dir, self.trainer.log_dir)
         check_qlora(
             self.model.lora, self.trainer.strategy.root_device.type, not self.model.hparams.model_name_or_path
         )
@@ -199,6 +259,10 @@ class CausalLMCLI(LightningCLI):
             check_schedule_length(config.model.lr_scheduler, config.model.warmup_ratio, open_ended)
 
     before_fit = before_validate = before_test = before_predict = _check_run
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print("\n" + "\n".join(closing_lines(self.trainer, self.model)), flush=True)  # below the bar
 
     def after_predict(self) -> None:
         writer = next((c for c in self.trainer.callbacks if isinstance(c, JSONLPredictionWriter)), None)
@@ -259,7 +323,8 @@ def export_main(args: list[str]) -> None:
     from jsonargparse import auto_cli
 
     try:
-        out = auto_cli(export_checkpoint, args=args, parser_class=ArgumentParser, prog=f"{PROG} export")
+        remember_argv(args)
+        out = auto_cli(export_checkpoint, args=args, parser_class=ExportParser, prog=f"{PROG} export")
     except Exception as err:
         if is_user_error(err):
             report_and_exit(err, 2)
@@ -274,6 +339,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
     argv = sys.argv[1:] if args is None else args
     wants_help = any(arg.startswith(("-h", "--help")) or arg.endswith(".help") for arg in argv)
     set_parsing_settings(docstring_parse_attribute_docstrings=wants_help)
+    remember_argv(args)
     trainer_defaults: dict[str, Any] = {
         "precision": default_precision(),
         "logger": {
@@ -282,6 +348,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
         },
         # Persistent: added to whatever trainer.callbacks the config lists.
         "callbacks": [
+            RunBanner(),
             TokensPerSecondProgressBar(),
             ValidationSummary(),
             CheckpointOnInterrupt(),
@@ -295,6 +362,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CausalLMCLI:
             CausalLMDataModule,
             trainer_defaults=trainer_defaults,
             save_config_kwargs={"overwrite": True},
+            parser_class=CLIParser,
             parser_kwargs={"prog": PROG, "description": __doc__.splitlines()[0]},
             args=args,
             run=run,

@@ -89,7 +89,8 @@ def check_compatible(
     if block_size is not None and max_positions is not None and block_size > max_positions:
         raise RunError(
             f"block_size={block_size} is larger than the model's context of {max_positions} positions: set "
-            f"--data.block_size to at most {max_positions} (or raise n_positions when training from scratch)."
+            f"block_size (--data.block_size) to at most {max_positions} (or raise n_positions when training "
+            "from scratch)."
         )
     vocab_size = getattr(config, "vocab_size", None)
     if tokenizer is not None and vocab_size is not None and len(tokenizer) > vocab_size:

@@ -22,6 +22,7 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
     the umask, as for any file the user creates (``mkstemp`` alone would give 0600).
     """
     target = Path(target)
+    made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # deepest first
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.tmp"
     if directory:
@@ -31,6 +32,7 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
         os.close(fd)
         tmp = Path(name)
     os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+    done = False
     try:
         yield tmp
         if not directory:
@@ -42,11 +44,21 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
             if not (directory and target.is_dir() and any(target.iterdir())):
                 raise
         _fsync(target.parent)  # the rename itself is durable once the folder's entry is on disk
+        done = True
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if not done:
+            remove_empty(made)
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty: those made for a write that failed."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _umask() -> int:

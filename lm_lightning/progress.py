@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lm_lightning.data.examples import real_tokens
@@ -22,6 +24,7 @@ class TokensPerSecondProgressBar(TQDMProgressBar):
         self.smoothing = smoothing
         self._last: float | None = None
         self._rate: float | None = None
+        self._epoch_bar_ready = self._first_batch = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -33,10 +36,34 @@ class TokensPerSecondProgressBar(TQDMProgressBar):
                 rate if self._rate is None else self.smoothing * self._rate + (1 - self.smoothing) * rate
             )
         self._last = now
+        if self._first_batch:  # resumed at batch_idx: the rate counts this run's batches only
+            self._first_batch = self._epoch_bar_ready = False
+            bar = self.train_progress_bar
+            if not bar.disable:  # disabled (ranks but zero): a bare object
+                bar.initial, bar.start_t = batch_idx, time.time()  # tqdm's own clock
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The epoch's bar from the start, with its epoch and total: Lightning's first shows 'Training: 0/?'
+        # until the epoch starts, and a fit resumed mid-epoch never gets past it (that epoch has begun).
+        bar = Tqdm(
+            desc=f"Epoch {trainer.current_epoch}",
+            total=convert_inf(self.total_train_batches),
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )  # Lightning's init_train_tqdm, with the epoch and total
+        self.train_progress_bar, self._epoch_bar_ready, self._first_batch = bar, True, True
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last = None  # validation time between epochs is not training throughput
+        if self._epoch_bar_ready:  # the bar on_train_start made is this epoch's
+            self._epoch_bar_ready = False
+            return
         super().on_train_epoch_start(trainer, pl_module)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

@@ -9,21 +9,41 @@ Running every case in a fresh interpreter would cost ~10 s of imports each on a 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
-from conftest import write_tiny_config
+from conftest import run_cli, write_tiny_config
 
 from lm_lightning.__main__ import main
+from lm_lightning.data.tokenizer import load_tokenizer
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``root``: its size and modification time (folders: -1, 0)."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (-1, 0)
+        for p in root.rglob("*")
+    }
 
 
 @pytest.fixture
-def run_dir(tmp_path, bpe_tokenizer_path, doc_texts, monkeypatch) -> Path:
-    """A folder with a tiny config (``tiny.yaml``) and data files of every kind of mistake."""
+def run_dir(tmp_path, bpe_tokenizer_path, doc_texts, tiny_gpt2, monkeypatch) -> Path:
+    """A folder with a tiny config (``tiny.yaml``), a tiny Hugging Face model folder (``hf``) and data files
+    of every kind of mistake; ``datasets`` caches under it too (``hf_datasets``)."""
     monkeypatch.chdir(tmp_path)
+    for name, folder in (
+        ("HF_DATASETS_CACHE", "hf_datasets"),
+        ("DOWNLOADED_DATASETS_PATH", "hf_datasets/downloads"),
+        ("EXTRACTED_DATASETS_PATH", "hf_datasets/downloads/extracted"),
+    ):
+        monkeypatch.setattr(datasets.config, name, tmp_path / folder)
+    tiny_gpt2.save_pretrained(tmp_path / "hf")
+    load_tokenizer(bpe_tokenizer_path).save_pretrained(tmp_path / "hf")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("Too short.\n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 50)
@@ -36,8 +56,10 @@ def run_dir(tmp_path, bpe_tokenizer_path, doc_texts, monkeypatch) -> Path:
         "pc_empty.jsonl": [*pairs[:2], {"prompt": "Q?", "completion": ""}],
         "completion_only.jsonl": [{"completion": "An answer."}],
         "chat.jsonl": [{"messages": chat}] * 3,
+        "chat_prompt.jsonl": [{"messages": chat[:1]}],
         "chat_no_assistant.jsonl": [{"messages": chat}, {"messages": chat[:1]}],
         "chat_role.jsonl": [{"messages": [{"role": "wizard", "content": "Hi"}, chat[1]]}],
+        "body.jsonl": [{"body": "A text."}, {"body": "Another one."}],
         "null_text.jsonl": [{"text": "A text."}, {"text": "Another one."}, {"text": None}, {"text": None}],
     }
     for name, rows in jsonl.items():
@@ -47,20 +69,52 @@ def run_dir(tmp_path, bpe_tokenizer_path, doc_texts, monkeypatch) -> Path:
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     (tmp_path / "broken.jinja").write_text("{{ raise_exception('Conversation roles must alternate') }}")
+    (tmp_path / "typo.yaml").write_text("data:\n  blok_size: 32\n")
+    (tmp_path / "old_export").mkdir()
+    (tmp_path / "old_export" / "lm_lightning_export.json").write_text(
+        '{"files": [], "run": "runs/old/version_3"}'
+    )
     write_tiny_config(tmp_path, bpe_tokenizer_path, doc_texts)
     return tmp_path
 
 
 PC = ["fit", "--data.data_files.validation", "pc.jsonl", "--data.data_files.train"]
 CHAT = ["fit", "--data.data_files.validation", "chat.jsonl", "--data.chat_template", "chatml.jinja"]
+HF = ["--model.model_name_or_path", "hf", "--model.model_config", "null", "--data.tokenizer", "hf"]
 SAMPLER = ["--trainer.callbacks+=lm_lightning.TextGenerationCallback", "--trainer.callbacks.prompts=[The]"]
 
 # (id, command line after the config, what the message must say)
 CASES = [
     (
+        "typo in a flag",
+        ["fit", "--data.batchsize", "8"],
+        "unknown option --data.batchsize; did you mean --data.batch_size",
+    ),
+    (
+        "typo in a config file",
+        ["fit", "--config", "typo.yaml"],
+        "typo.yaml: unknown key data.blok_size; did you mean data.block_size",
+    ),
+    ("typo in the subcommand", ["fitt"], "unknown subcommand 'fitt'; did you mean fit?"),
+    (
         "unknown column",
         ["fit", "--data.text_column", "body"],
         "text_column='body' is not a column of the 'train' split; its columns are ['text']",
+    ),
+    (
+        "unknown column in a JSON lines file",
+        ["fit", "--data.data_files.train", "body.jsonl"],
+        "text_column='text' is not a column of the 'train' split; its columns are ['body']",
+    ),
+    (
+        "predict without prompts",
+        ["predict", *HF],
+        "predict needs prompts: set --data.prompts",
+    ),
+    (
+        "chat prompts without a template",
+        ["predict", *HF, "--data.prompts_file", "chat_prompt.jsonl"],
+        "Chat data needs a chat template, and the tokenizer 'hf' has none",
     ),
     (
         "missing file",
@@ -124,6 +178,16 @@ CASES = [
         "no last checkpoint to validate",
         ["validate", "--ckpt_path", "last"],
         "--ckpt_path last: no last*.ckpt under runs/tiny",
+    ),
+    (
+        "no best checkpoint to validate",
+        ["validate", "--ckpt_path", "best"],
+        "--ckpt_path best: no run with checkpoints under runs/tiny",
+    ),
+    (
+        "export folder of another run",
+        ["fit", "--model.export_dir", "old_export"],
+        "--model.export_dir='old_export' holds the export of run runs/old/version_3: this fit would replace",
     ),
     (
         "fp16 mixed precision on CPU",
@@ -227,22 +291,58 @@ CASES = [
     (
         "two data sources",
         ["fit", "--data.corpus", "python-docs"],
-        "Give exactly one data source, got ['data_files', 'corpus']",
+        "Give exactly one data source, got ['data_files', 'corpus']: keep one of",
+    ),
+    (
+        "two data sources, the fix",
+        ["fit", "--data.corpus", "python-docs"],
+        "set the others to null (--data.data_files null or --data.corpus null)",
     ),
 ]
 
 
 @pytest.mark.parametrize("args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_fails_fast_clearly_and_writes_nothing(run_dir, args, message, capfd, monkeypatch):
+    before = tree(run_dir)
     monkeypatch.setattr(sys, "argv", ["lm_lightning", args[0], "--config", "tiny.yaml", *args[1:]])
     with pytest.raises(SystemExit) as exit_info:
         main()
     err = capfd.readouterr().err
     assert exit_info.value.code == 2, err[-2000:]
     assert message in err
-    assert "Traceback" not in err  # one paragraph, not a stack
-    assert not (run_dir / "runs").exists()  # no log or checkpoint folder
-    assert not any(p.is_file() for p in (run_dir / "cache").rglob("*"))  # no cache half-written
+    assert "Traceback" not in err and "usage:" not in err  # one paragraph, not a stack or the usage
+    # Nothing written: no log or checkpoint folder, no cache of ours or of datasets, no config rewritten.
+    assert tree(run_dir) == before
+    if "unknown" not in message:  # a typo's suggestions are checked by the typo cases themselves
+        check_hints(
+            ["fit" if args[0] == "fitt" else args[0], "--config", "tiny.yaml", *args[1:]],
+            err,
+            capfd,
+            monkeypatch,
+        )
+
+
+def test_validate_and_test_need_only_their_split(run_dir, monkeypatch, capsys):
+    for verb, split, key in (
+        ("validate", "validation", "val/perplexity"),
+        ("test", "test", "test/perplexity"),
+    ):
+        files = f"{{{split}: valid.txt}}"
+        code = run_cli(monkeypatch, verb, "--config", "tiny.yaml", *HF, "--data.data_files", files, *SAMPLER)
+        out = capsys.readouterr().out
+        assert code == 0 and key in out
+        assert "Samples at" not in out  # the fit's sampling callback: not in an evaluation
+    # Outside weights: runs/NAME/validate/version_N, not a version_N of a fit.
+    assert sorted(p.name for p in (run_dir / "runs" / "tiny").iterdir()) == ["test", "validate"]
+    assert (run_dir / "runs" / "tiny" / "validate" / "version_0").is_dir()
+
+
+def test_predict_into_a_given_file_writes_that_file_alone(run_dir, monkeypatch):
+    before = tree(run_dir)
+    args = ["--data.prompts", "[The]", "--predictions.output_path", "out.jsonl", "--model.predict_decodings"]
+    assert run_cli(monkeypatch, "predict", "--config", "tiny.yaml", *HF, *args, "[{max_new_tokens: 3}]") == 0
+    assert set(tree(run_dir)) - set(before) == {"out.jsonl"}
+    assert len((run_dir / "out.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -313,3 +413,77 @@ def test_a_checkpoint_that_would_run_code_is_refused_unopened(run_dir, command, 
     assert not (run_dir / "exported").exists() and [
         p.name for p in (run_dir / "runs" / "tiny").iterdir()
     ] == ["version_0"]
+
+
+# ----------------------------------------------------------------------------- hints that work when pasted
+HINT = re.compile(r"(--[a-z_][\w.]*)(?![\w.=])(?: ('[^']*'|[\w./-]*\w))?")
+PROSE = {"to", "or", "for", "would", "is", "accordingly", "when", "and", "with", "it", "after", "then", "a"}
+PLACEHOLDERS = {"FILE": "x.txt", "DIR": "hf", "N": "2", "CKPT": "x.ckpt"}
+_HELP: dict[str, str] = {}
+
+
+def hints(message: str) -> list[list[str]]:
+    """The ``--key VALUE`` (or ``--key``) settings a message suggests, placeholders filled in."""
+    found = []
+    for flag, value in HINT.findall(message):
+        if value in PROSE or not value:
+            found.append([flag])
+        else:
+            found.append([flag, PLACEHOLDERS.get(value, value.strip("'"))])
+    return found
+
+
+def check_hints(command: list[str], err: str, capfd, monkeypatch) -> None:
+    """Every setting the error suggests is one the command accepts, with the value it shows."""
+    for hint in hints(err.split("(set LM_LIGHTNING_DEBUG")[0]):
+        if len(hint) == 1:  # a key alone ('set --trainer.max_steps'): one the command lists in its --help
+            if command[0] not in _HELP:
+                assert run_cli(monkeypatch, command[0], "--help") == 0
+                _HELP[command[0]] = capfd.readouterr().out
+            assert f"{hint[0]} " in _HELP[command[0]], hint
+        else:
+            code = run_cli(monkeypatch, *command, *hint, "--print_config")
+            assert code == 0, (hint, capfd.readouterr().err[-1000:])
+        capfd.readouterr()
+
+
+def test_the_export_hint_to_overwrite_parses(run_dir, capfd, monkeypatch):
+    (run_dir / "theirs").mkdir()
+    (run_dir / "theirs" / "notes.txt").write_text("mine")
+    command = ["export", "--ckpt_path", "x.ckpt", "--output_dir", "theirs"]
+    assert run_cli(monkeypatch, *command) == 2
+    err = capfd.readouterr().err
+    assert "add --overwrite true to replace only its model and tokenizer files" in err
+    check_hints(command, err, capfd, monkeypatch)
+
+
+def test_the_readmes_chat_predict_command_runs_offline(run_dir, monkeypatch):
+    """The README's chat example, as written, on a model folder without a chat template of its own."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Chat prompts for predict.**") :]
+    echo, command = [line for line in section.split("```bash\n", 1)[1].split("```")[0].splitlines() if line]
+    chat = echo.removeprefix("echo '").split("' > ")
+    (run_dir / chat[1]).write_text(chat[0] + "\n")
+    (run_dir / "configs").mkdir()
+    (run_dir / "configs" / "chat-template.jinja").write_text(
+        (Path(__file__).parents[1] / "configs" / "chat-template.jinja").read_text()
+    )
+    args = command.replace("DIR", "hf").split()[3:]  # after 'python -m lm_lightning'
+    assert run_cli(monkeypatch, *args, "--model.predict_decodings", "[{max_new_tokens: 3}]") == 0
+    written = sorted(run_dir.glob("runs/lm_lightning/version_0/predictions.jsonl"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["prompt"].startswith("Explain")
+
+
+def test_from_python_a_block_longer_than_the_model_fails_before_the_cache(run_dir, bpe_tokenizer_path):
+    from conftest import quiet_trainer
+
+    from lm_lightning import CausalLMDataModule, CausalLMModule
+    from lm_lightning.errors import RunError
+
+    data = CausalLMDataModule(
+        tokenizer=bpe_tokenizer_path, data_files={"train": "train.txt"}, block_size=100, cache_dir="cache"
+    )
+    module = CausalLMModule(model_config={"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64})
+    with pytest.raises(RunError, match=r"set block_size \(--data.block_size\) to at most 64"):
+        quiet_trainer(run_dir, max_steps=1).fit(module, data)
+    assert not (run_dir / "cache").exists()

@@ -177,3 +177,42 @@ def test_reference_recipe_trains_as_the_notebook(tmp_path, bpe_tokenizer_path, d
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
     metrics = cli.trainer.callback_metrics
     assert metrics["val/perplexity"] == pytest.approx(torch.exp(metrics["val/loss"]).item(), rel=1e-5)
+
+
+def _tiny_quickstart(tmp_path: Path) -> Path:
+    """The quickstart config at tiny limits: a 1-layer model, 2 steps, 2-token samples, all under tmp_path."""
+    config = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
+    config["trainer"].update(
+        max_epochs=1, max_steps=2, limit_train_batches=2, limit_val_batches=1, log_every_n_steps=1
+    )
+    config["trainer"]["callbacks"][0]["init_args"]["max_new_tokens"] = 2
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    config["model"]["model_config"].update(n_layer=1, n_embd=32, n_head=2)
+    config["data"].update(train_tokenizer_vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_the_quickstart_starts_quietly_and_ends_saying_where_its_results_went(tmp_path):
+    config = _tiny_quickstart(tmp_path)
+    quiet = _run("fit", "--config", str(config), cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    # stderr: the first run's tokenizing progress bars, and no warning, tip or device line.
+    noise = ("warn", "deprecat", "tip:", "gpu available", "tpu available", "seed set", "flops")
+    lines = [line for line in quiet.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert [line for line in lines if any(n in line.lower() for n in noise)] == []
+    out = quiet.stdout.replace("\r", "\n").splitlines()
+    assert out[0].startswith("gpt2 from scratch · ") and "python-docs: " in out[0] and " on cpu (" in out[0]
+    assert not any("val_nll" in line or "Training: " in line for line in out)  # no summary, no 0/? bar
+    run = Path("runs") / "quickstart" / "version_0"
+    assert "fit done: max_steps=2 reached (1 epoch)." in out
+    assert any(line.startswith(f"last checkpoint: {run}/checkpoints/last.ckpt (step 2") for line in out)
+    assert f"exported model:  {run}/hf_model" in out  # the run's own folder
+    assert (tmp_path / run / "hf_model" / "model.safetensors").is_file()
+    # --verbose true: Lightning's own lines again, its summary of the model alone.
+    verbose = _run("fit", "--config", str(config), "--verbose", "true", cwd=tmp_path)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    both = verbose.stdout + verbose.stderr
+    assert "GPU available" in both and "GPT2LMHeadModel" in both and "TokenNLL" not in both
+    assert (tmp_path / "runs" / "quickstart" / "version_1" / "hf_model").is_dir()  # the first one kept

@@ -110,7 +110,7 @@ def test_evaluation_writes_into_the_run_it_evaluates(run, monkeypatch, capsys):
     versions = sorted(p.name for p in (run / "runs" / "tiny").iterdir())
     assert versions == ["version_0"]  # no version_N per evaluation
     run_dir = run / "runs" / "tiny" / "version_0"
-    assert any((run_dir / "validate").glob("events.out.tfevents.*"))
+    assert any((run_dir / "validate" / "version_0").glob("events.out.tfevents.*"))
     predictions = run_dir / "predict" / "predictions.jsonl"
     assert predictions.exists()
     lines = capsys.readouterr().out.splitlines()

@@ -376,13 +376,22 @@ class _Interrupt(L.Callback):
                 os.kill(os.getpid(), signum)
 
 
+@pytest.fixture
+def sigint_handled():
+    """SIGINT raising KeyboardInterrupt, as in a foreground Python: a shell starts background jobs with SIGINT
+    ignored, and CheckpointOnInterrupt leaves an ignored signal ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize(
     ("signals", "code", "saved_step"),
     [((signal.SIGINT,), 130, 2), ((signal.SIGUSR1,), 138, 2), ((signal.SIGINT, signal.SIGINT), 1, None)],
     ids=["ctrl-c", "sigusr1", "ctrl-c twice"],
 )
 def test_a_signal_checkpoints_the_step_and_exits_non_zero(
-    tmp_path, bpe_tokenizer_path, doc_texts, signals, code, saved_step
+    tmp_path, bpe_tokenizer_path, doc_texts, signals, code, saved_step, sigint_handled
 ):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True, save_top_k=0)
     callbacks = [checkpoints, CheckpointOnInterrupt(), _Interrupt(*signals)]

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lm_lightning.data import examples, formats, preference
 from lm_lightning.data.formats import DataFormat
-from lm_lightning.data.global_batches import stream_step_collator, training_units
+from lm_lightning.data.global_batches import training_units
 from lm_lightning.data.loaders import map_style_loader
 from lm_lightning.data.packing import (
     CACHE_FORMAT_VERSION,
@@ -25,8 +25,8 @@ from lm_lightning.data.packing import (
 )
 from lm_lightning.data.prompts import ChatPromptBatch, read_prompts, render_chat_prompts
 from lm_lightning.data.settings import DataSettings, check_data_settings
-from lm_lightning.data.sources import TextSource, fingerprint, hold_out_validation
-from lm_lightning.data.streaming import StreamingBlocks, stateful_loader
+from lm_lightning.data.sources import ScratchFolder, TextSource, fingerprint, hold_out_validation
+from lm_lightning.data.streaming import streaming_loader
 from lm_lightning.data.strided import StridedWindows, split_stream
 from lm_lightning.data.tokenizer import (
     cached_bpe_tokenizer,
@@ -34,7 +34,7 @@ from lm_lightning.data.tokenizer import (
     tokenizer_files_fingerprint,
     tokenizer_fingerprint,
 )
-from lm_lightning.errors import RunError
+from lm_lightning.errors import RunError, check_compatible
 
 
 class CausalLMDataModule(L.LightningDataModule):
@@ -189,6 +189,8 @@ class CausalLMDataModule(L.LightningDataModule):
         self.cache_path: Path | None = None
         self._raw: DatasetDict | None = None  # the source, when loading it was needed for the cache key
         self._held_out = False
+        # datasets' Arrow copy of local files, needed only until the blocks are cached: a scratch folder.
+        self._scratch = ScratchFolder(self.cache_root / "scratch")
         # Many tokenizer processes already use the cores: keep each single-threaded (and silent when
         # DataLoader workers fork). One process: let the Rust tokenizer use all cores.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if self.num_proc > 1 else "true")
@@ -201,8 +203,20 @@ class CausalLMDataModule(L.LightningDataModule):
                 "No data source: set one of --data.dataset_name, --data.data_files or --data.corpus "
                 "(only predict works on prompts alone)."
             )
-        raw = self.source.load(streaming=self.streaming)
-        if "train" not in raw and not self.streaming:
+        formats.check_file_columns(self.source.file_columns(), self.text_column, self.format_setting)
+        try:
+            return self._load_raw()
+        except BaseException:
+            self._scratch.remove()  # no copy of the files left behind by a run that stops here
+            raise
+
+    def _load_raw(self) -> DatasetDict:
+        files_cache = self._scratch.get() if self.source.data_files is not None else None
+        raw = self.source.load(streaming=self.streaming, files_cache=files_cache)
+        # validate and test need only their split (a validation split is held out of train when missing).
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        needs_train = stage in (None, "fit") or (stage == "validate" and "validation" not in raw)
+        if "train" not in raw and not self.streaming and needs_train:
             raise ValueError(f"The data source has no 'train' split; its splits are {list(raw)}.")
         self.data_format = formats.resolve_format(raw, self.text_column, self.format_setting, self.skip_empty)
         formats.check_text_only(self.data_format, self.streaming, self.document_masking, self.eval_stride)
@@ -307,11 +321,21 @@ class CausalLMDataModule(L.LightningDataModule):
         """Tokenize and pack every split into the on-disk cache, unless it is there already."""
         if not self.has_source or self._predicting():
             return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if callable(
+            getattr(module, "build_config", None)
+        ):  # before any block is cached (a plain Trainer too)
+            check_compatible(module.build_config(self.tokenizer), self.tokenizer, self.block_size)
         path = self._cache_path()
         raw, self._raw = self._raw, None  # not kept: the module holds only the packed blocks
         if is_cached(path):
             return
-        raw = raw if raw is not None else self.load_raw()
+        try:
+            self._write_blocks(raw if raw is not None else self.load_raw(), path)
+        finally:
+            self._scratch.remove()
+
+    def _write_blocks(self, raw: DatasetDict, path: Path) -> None:
         if self.data_format != "text":
             settings = ("completion_only_loss", "chat_template", "packing", "map_batch_size", "num_proc")
             preference.example_cache_writer(self.data_format)(
@@ -391,34 +415,7 @@ class CausalLMDataModule(L.LightningDataModule):
     def _streaming_loader(self) -> DataLoader:
         if not self.datasets:
             self.setup()
-        trainer = self.trainer
-        timed = any(isinstance(c, L.pytorch.callbacks.Timer) for c in getattr(trainer, "callbacks", []))
-        if trainer is not None and trainer.max_steps == -1 and not timed:  # max_time set: a Timer is there
-            raise ValueError(
-                "streaming=True repeats the train split without end (ranks stay in step under DDP): set "
-                "--trainer.max_steps, and an integer --trainer.val_check_interval to validate every N "
-                "training batches (micro-batches: N / accumulate_grad_batches optimizer steps)."
-            )
-        blocks = StreamingBlocks(
-            self.train_texts,
-            self.tokenizer,
-            text_column=self.text_column,
-            block_size=self.block_size,
-            eos_between_texts=self.eos_between_texts,
-            map_batch_size=self.map_batch_size,
-            rank=trainer.global_rank if trainer is not None else 0,
-            world_size=trainer.world_size if trainer is not None else 1,
-            seed=self.seed,
-            skip_empty=self.skip_empty,
-        )
-        return stateful_loader(
-            blocks,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self._pin(),
-            persistent_workers=self.num_workers > 0,
-            collate_fn=stream_step_collator(self._collate_fn(), trainer, self.batch_size, self.block_size),
-        )
+        return streaming_loader(self, self._collate_fn())
 
     def train_dataloader(self) -> DataLoader:
         """Training blocks, shuffled with a generator seeded by ``seed``; resumable mid-epoch."""
@@ -436,7 +433,7 @@ class CausalLMDataModule(L.LightningDataModule):
         """Batches (lists) of prompt strings from ``prompts`` or ``prompts_file``."""
         if self.prompts is None:
             raise ValueError(
-                "predict needs prompts: set --data.prompts '[\"Once upon\", ...]' or "
+                "predict needs prompts: set --data.prompts '[\"Once upon a time\"]' or "
                 "--data.prompts_file FILE."
             )
         prompts, collate_fn = self.prompts, list

@@ -26,7 +26,7 @@ from datasets import Dataset, DatasetDict, Json
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from lm_lightning.data.sources import check_text_column
+from lm_lightning.data.sources import check_columns, check_text_column
 
 IGNORE_INDEX = -100
 DataFormat = Literal["auto", "text", "prompt_completion", "chat", "preference"]
@@ -170,6 +170,14 @@ def resolve_format(raw: DatasetDict, text_column: str, data_format: str, skip_em
                 check_text_column(ds, text_column, split)
             check_text_values(ds, text_column, split, skip_empty)
     return data_format
+
+
+def check_file_columns(columns: dict[str, list[str]], text_column: str, data_format: str) -> None:
+    """Raise when a split's ``columns`` (peeked from its file: ``TextSource.file_columns``) lack what the
+    format needs, before ``datasets`` reads the files (and writes its copy of them)."""
+    for split, names in columns.items():
+        if detect_format(names, text_column, data_format, split) == "text":
+            check_columns(names, text_column, split)
 
 
 def check_text_values(ds: Dataset, text_column: str, split: str, skip_empty: bool) -> int:

@@ -192,3 +192,39 @@ def stateful_loader(dataset: StreamingBlocks, **kwargs: Any) -> StatefulDataLoad
             return before_last if before_last is not None else super().state_dict()
 
     return OneBatchBehindLoader(dataset, **kwargs)
+
+
+def streaming_loader(data: Any, collate_fn: Any) -> StatefulDataLoader:
+    """The train loader of a ``CausalLMDataModule`` with ``streaming=True`` (its ``train_texts`` set up)."""
+    from lightning.pytorch.callbacks import Timer
+
+    from lm_lightning.data.global_batches import stream_step_collator
+
+    trainer = data.trainer
+    timed = any(isinstance(c, Timer) for c in getattr(trainer, "callbacks", []))
+    if trainer is not None and trainer.max_steps == -1 and not timed:  # max_time set: a Timer is there
+        raise ValueError(
+            "streaming=True repeats the train split without end (ranks stay in step under DDP): set "
+            "--trainer.max_steps, and an integer --trainer.val_check_interval to validate every N "
+            "training batches (micro-batches: N / accumulate_grad_batches optimizer steps)."
+        )
+    blocks = StreamingBlocks(
+        data.train_texts,
+        data.tokenizer,
+        text_column=data.text_column,
+        block_size=data.block_size,
+        eos_between_texts=data.eos_between_texts,
+        map_batch_size=data.map_batch_size,
+        rank=trainer.global_rank if trainer is not None else 0,
+        world_size=trainer.world_size if trainer is not None else 1,
+        seed=data.seed,
+        skip_empty=data.skip_empty,
+    )
+    return stateful_loader(
+        blocks,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        pin_memory=data._pin(),
+        persistent_workers=data.num_workers > 0,
+        collate_fn=stream_step_collator(collate_fn, trainer, data.batch_size, data.block_size),
+    )

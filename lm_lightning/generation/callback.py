@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from transformers import PreTrainedTokenizerBase
 
@@ -21,12 +22,13 @@ _COLUMNS = ["epoch", "step", "preset", "index", "prompt", "text", "num_new_token
 class TextGenerationCallback(L.Callback):
     """Continues fixed prompts with each decoding setting at the end of every validation, or every N steps.
 
-    The samples go to the console as a table, to TensorBoard as text, to any other logger with a ``log_text``
-    method (Weights & Biases), and to ``jsonl_name`` in the run's log folder, one JSON line per continuation.
-    The LightningModule must expose the Hugging Face model as ``model`` and the tokenizer as ``tokenizer``
-    (or the datamodule as ``tokenizer``), so it also works with a plain ``lightning.Trainer`` in a notebook.
-    Only the global-zero process generates; the others do nothing, so no process waits for another. For that
-    reason parameters sharded across processes (FSDP, DeepSpeed ZeRO-3) are refused at setup.
+    The samples go to the console (each on its own lines), to TensorBoard as text, to any other logger with a
+    ``log_text`` method (Weights & Biases), and to ``jsonl_name`` in the run's log folder, one JSON line per
+    continuation. The LightningModule must expose the Hugging Face model as ``model`` and the tokenizer as
+    ``tokenizer`` (or the datamodule as ``tokenizer``), so it also works with a plain ``lightning.Trainer`` in
+    a notebook. Only the global-zero process generates; the others do nothing, so no process waits for
+    another. For that reason parameters sharded across processes (FSDP, DeepSpeed ZeRO-3) are refused at
+    setup.
     """
 
     def __init__(
@@ -94,7 +96,9 @@ class TextGenerationCallback(L.Callback):
             for sample in generate_texts(model, tokenizer, self.prompts, decoding, name, self.batch_size)
         ]
         rows = [[trainer.current_epoch, trainer.global_step, *_row(sample)] for sample in samples]
-        _print_table(rows, title=f"Samples at epoch {trainer.current_epoch}, step {trainer.global_step}")
+        _print_samples(
+            trainer, rows, title=f"Samples at epoch {trainer.current_epoch}, step {trainer.global_step}"
+        )
         self._log(trainer, samples)
         self._append_jsonl(trainer, rows)
         return samples
@@ -165,21 +169,24 @@ def _markdown_table(samples: list[GeneratedText]) -> str:
     return "\n".join(lines)
 
 
-def _print_table(rows: list[list[Any]], title: str) -> None:
-    # rich is optional (Lightning does not require it): plain text otherwise.
-    try:
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
-    except ImportError:
-        print(title)
-        for _, _, preset, index, prompt, text, _ in rows:
-            print(f"[{preset} #{index}] {prompt!r} -> {text!r}")
-        return
-    table = Table(title=title, show_lines=True)
-    for column in ("preset", "#", "prompt", "continuation", "tokens"):
-        table.add_column(column, overflow="fold")
+def format_samples(rows: list[list[Any]], title: str) -> str:
+    """The samples as text: a title line, then each sample on its own lines (no table to wrap).
+
+    ``[greedy #0] The "for" statement is used to`` then the continuation, indented, line breaks kept.
+    """
+    lines = [f"{title}:"]
     for _, _, preset, index, prompt, text, num_new_tokens in rows:
-        # Text(), not str: model output may contain [brackets] that rich would read as markup.
-        table.add_row(preset, str(index), Text(prompt), Text(text), str(num_new_tokens))
-    Console().print(table)
+        lines.append(f"  [{preset} #{index}, {num_new_tokens} tokens] {prompt.rstrip()}")
+        body = text.strip("\n") or "(nothing but white space)"
+        lines += [f"      {line}".rstrip() for line in body.split("\n") if line.strip()] or ["      " + body]
+    return "\n".join(lines)
+
+
+def _print_samples(trainer: L.Trainer, rows: list[list[Any]], title: str) -> None:
+    """Above the progress bars (through them, a print would leave half a bar on screen)."""
+    text = format_samples(rows, title)
+    bar = next((c for c in trainer.callbacks if isinstance(c, TQDMProgressBar) and c.is_enabled), None)
+    if bar is not None:
+        bar.print(text)
+    else:
+        print(text, flush=True)

@@ -220,10 +220,10 @@ def resolve_last(ckpt_dirs: list[Path], subcommand: str, setting: str = "--ckpt_
     if found:
         return max(found, key=lambda p: p.stat().st_mtime)
     if subcommand != "fit":
-        raise RunError(
-            f"{setting}: no last*.ckpt under {', '.join(map(str, ckpt_dirs)) or 'any run folder'}. "
-            "Run fit first, or give the path of a checkpoint."
-        )
+        where = ", ".join(map(str, ckpt_dirs)) or "any run folder"
+        # best is read from the newest last.ckpt (its checkpoint callback's record): say what is missing.
+        what = "no run with checkpoints" if setting.endswith("best") else "no last*.ckpt"
+        raise RunError(f"{setting}: {what} under {where}. Run fit first, or give the path of a checkpoint.")
     return None
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -60,8 +61,38 @@ def check_export_dir(
         return
     raise RunError(
         f"{setting}={str(output_dir)!r} is a folder that holds other files and no earlier export: nothing "
-        "was written. Give a new or empty folder, or add --overwrite to replace only its model and tokenizer "
-        "files (others are kept)."
+        "was written. Give a new or empty folder, or add --overwrite true to replace only its model and "
+        "tokenizer files (others are kept)."
+    )
+
+
+RUN_EXPORT_NAME = "hf_model"  # the export of a fit with export_dir=true: runs/NAME/version_N/hf_model
+
+
+def fit_export_dir(export_dir: str | bool | None, log_dir: str | os.PathLike | None) -> Path | None:
+    """Where a fit exports: ``export_dir``, or with ``export_dir=True`` the run's own folder (``log_dir``)."""
+    if export_dir is True:
+        return Path(log_dir or ".") / RUN_EXPORT_NAME
+    return Path(export_dir) if export_dir else None
+
+
+def check_export_owner(export_dir: str | os.PathLike, run: str | os.PathLike | None) -> None:
+    """Refuse a fixed ``export_dir`` that holds the export of another run (a second fit would replace it)."""
+    record = Path(export_dir) / EXPORT_RECORD
+    if not record.is_file():
+        return
+    try:
+        owner = json.loads(record.read_text()).get("run")
+    except (ValueError, AttributeError):
+        owner = None
+    if owner is not None and run is not None and Path(owner).resolve() == Path(run).resolve():
+        return  # this run's own export (a resumed fit)
+    whose = f"run {owner}" if owner else "another fit"
+    raise RunError(
+        f"--model.export_dir={str(export_dir)!r} holds the export of {whose}: this fit would replace it, so "
+        "nothing was trained. Export into this run's own folder with --model.export_dir true "
+        f"(runs/NAME/version_N/{RUN_EXPORT_NAME}), give another folder, or delete {str(export_dir)!r} to "
+        "replace that export."
     )
 
 
@@ -70,21 +101,23 @@ def save_hf_folder(
     tokenizer: PreTrainedTokenizerBase | None,
     output_dir: str | os.PathLike,
     overwrite: bool = False,
+    run: str | os.PathLike | None = None,
 ) -> Path:
     """Save ``model`` and ``tokenizer`` into ``output_dir``; other files already there are kept.
 
     A new (or empty) folder appears complete or not at all. Into an earlier export, each file is replaced
-    by a rename of its complete new version, after the earlier export's files are removed.
+    by a rename of its complete new version, after the earlier export's files are removed. ``run``: the
+    fit's log folder, recorded so that another run's fit does not replace this export.
     """
     check_export_dir(output_dir, overwrite)
     output_dir = Path(output_dir)
     if not output_dir.is_dir() or not any(output_dir.iterdir()):
         with atomic_path(output_dir, directory=True) as tmp:
-            _save(model, tokenizer, tmp)
+            _save(model, tokenizer, tmp, run)
         return output_dir
     # Staged beside the folder (same filesystem, so each file moves in by one rename).
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp") as staging:
-        written = _save(model, tokenizer, Path(staging))
+        written = _save(model, tokenizer, Path(staging), run)
         for old in _our_files(output_dir) - set(written):
             (output_dir / old).unlink(missing_ok=True)
         for name in written:
@@ -92,12 +125,23 @@ def save_hf_folder(
     return output_dir
 
 
-def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: Path) -> list[str]:
-    model.save_pretrained(folder)
+def _save(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: Path, run: Any = None
+) -> list[str]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # 'Writing model shards' for one file, at the end of every fit
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     names = sorted(p.name for p in folder.iterdir() if p.is_file()) + [EXPORT_RECORD]
-    (folder / EXPORT_RECORD).write_text(json.dumps({"files": names}, indent=1))
+    record: dict[str, Any] = {"files": names, **({"run": str(run)} if run is not None else {})}
+    (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
     return names
 
 

@@ -23,7 +23,7 @@ from lm_lightning.generation.decoding import DecodingConfig, generate_texts, res
 from lm_lightning.model.build import build_model, model_config, model_kwargs, prepare_model
 from lm_lightning.model.checkpointing import check_checkpoint
 from lm_lightning.model.dpo import DPOSettings, Objective
-from lm_lightning.model.export import check_export_dir, save_hf_folder
+from lm_lightning.model.export import check_export_dir, fit_export_dir, save_hf_folder
 from lm_lightning.model.faults import NonFiniteAction
 from lm_lightning.model.flops import matmul_params, training_flops_per_batch
 from lm_lightning.model.lora import (
@@ -101,7 +101,9 @@ class CausalLMModule(PreferenceTuning, ExactTraining, ClipsFusedUnderBf16Mixed, 
         warmup_ratio: Warm-up as a share of all optimizer steps (used when ``warmup_steps`` is 0).
         loss_chunk_size: Positions of each sequence per chunk of the vocabulary projection in the loss (a
             chunk holds ``batch_size * loss_chunk_size`` rows of float32 logits); ``None`` for all at once.
-        export_dir: Save a Hugging Face folder (model and tokenizer) here at the end of fit.
+        export_dir: Save a Hugging Face folder (model and tokenizer) here at the end of fit; ``True``: in the
+            run's own folder (``runs/NAME/version_N/hf_model``). A folder holding another run's export is
+            refused before training.
         predict_decodings: Decoding presets or settings that ``predict`` continues each prompt with;
             default ``["greedy"]`` (see ``lm_lightning.generation.decoding.PRESETS``).
         on_nonfinite_loss: On a NaN or infinite training loss, ``raise`` (stop, naming the step and the last
@@ -133,7 +135,7 @@ class CausalLMModule(PreferenceTuning, ExactTraining, ClipsFusedUnderBf16Mixed, 
         warmup_steps: int = 0,
         warmup_ratio: float = 0.0,
         loss_chunk_size: int | None = 128,
-        export_dir: str | None = None,
+        export_dir: bool | str | None = None,
         predict_decodings: list[str | DecodingConfig | dict[str, Any]] | None = None,
         on_nonfinite_loss: NonFiniteAction = "raise",
         lora: LoraSettings | None = None,
@@ -155,6 +157,7 @@ class CausalLMModule(PreferenceTuning, ExactTraining, ClipsFusedUnderBf16Mixed, 
         for name, settings in (("lora", self.lora), ("dpo", self.dpo)):
             self.hparams[name] = dataclasses.asdict(settings) if settings else None
         self.model: PreTrainedModel | None = None
+        self.exported: Path | None = None  # the folder fit exported to (export_dir)
         self._checkpoint_config: PretrainedConfig | None = None  # a checkpoint's own, once known
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.val_nll = TokenNLL()
@@ -371,12 +374,17 @@ class CausalLMModule(PreferenceTuning, ExactTraining, ClipsFusedUnderBf16Mixed, 
 
     # ----------------------------------------------------------------------------- export
     def export_hf(
-        self, output_dir: str | os.PathLike, overwrite: bool = False, adapter_only: bool = False
+        self,
+        output_dir: str | os.PathLike,
+        overwrite: bool = False,
+        adapter_only: bool = False,
+        run: Any = None,
     ) -> Path:
         """Save the model and tokenizer as a Hugging Face folder (see ``lm_lightning.model.export``).
 
         Under LoRA: the model with the adapters merged into its weights, or with ``adapter_only`` the adapter
-        folder that ``peft.PeftModel.from_pretrained(base, output_dir)`` loads.
+        folder that ``peft.PeftModel.from_pretrained(base, output_dir)`` loads. ``run``: the fit's log folder,
+        recorded in the export.
         """
         if self.model is None:
             self.configure_model()
@@ -387,16 +395,17 @@ class CausalLMModule(PreferenceTuning, ExactTraining, ClipsFusedUnderBf16Mixed, 
             )
         if is_peft_model(model) and not adapter_only:
             model = merged_model(model, self.lora, self.hparams.model_name_or_path)
-        return save_hf_folder(model, self._find_tokenizer(), output_dir, overwrite)
+        return save_hf_folder(model, self._find_tokenizer(), output_dir, overwrite, run)
 
     def on_fit_end(self) -> None:
-        """Export the Hugging Face folder when ``export_dir`` is set."""
-        if self.hparams.export_dir and is_sharded(self.model):  # every rank gathers its shards, rank 0 writes
-            export_sharded(
-                self.model, self._find_tokenizer(), self.hparams.export_dir, self.trainer.is_global_zero
-            )
-        elif self.hparams.export_dir and self.trainer.is_global_zero:
-            self.export_hf(self.hparams.export_dir)
+        """Export the Hugging Face folder when ``export_dir`` is set (``self.exported``: where)."""
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        path = fit_export_dir(self.hparams.export_dir, log_dir)
+        if path is not None and is_sharded(self.model):  # every rank gathers its shards, rank 0 writes
+            export_sharded(self.model, self._find_tokenizer(), path, self.trainer.is_global_zero, run=log_dir)
+        elif path is not None and self.trainer.is_global_zero:
+            self.export_hf(path, run=log_dir)
+        self.exported = path
 
 
 def export_checkpoint(

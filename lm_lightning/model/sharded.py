@@ -187,15 +187,17 @@ def export_sharded(
     output_dir: str | os.PathLike,
     is_rank_zero: bool,
     overwrite: bool = False,
+    run: str | os.PathLike | None = None,
 ) -> Path:
-    """Gather the full weights of a sharded model (every process calls this) and save them on rank 0."""
+    """Gather the full weights of a sharded model (every process calls this) and save them on rank 0
+    (``run``: the fit's log folder, recorded in the export)."""
     full = gather_full_state_dict(model)
     if is_rank_zero:
         with torch.device("meta"):
             whole = AutoModelForCausalLM.from_config(model.config)
         whole.load_state_dict(full, assign=True)
         whole.tie_weights()
-        save_hf_folder(whole, tokenizer, output_dir, overwrite)
+        save_hf_folder(whole, tokenizer, output_dir, overwrite, run)
     return Path(output_dir)
 
 
