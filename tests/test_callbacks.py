@@ -325,3 +325,20 @@ def test_tokens_per_second_count_real_tokens_only(monkeypatch):
     assert bar._rate == 14 * 2  # real tokens per second, over both processes
     monkeypatch.setattr(L.pytorch.callbacks.TQDMProgressBar, "get_metrics", lambda *args: {})
     assert bar.get_metrics(trainer, None) == {"real tok/s": "28"}
+
+
+def test_printed_samples_read_as_the_prompt_continued_in_wrapped_lines():
+    from lm_lightning.generation.callback import format_samples
+
+    long = " and then" * 30
+    rows = [
+        [0, 2, "greedy", 0, "The for statement", " is used to loop.\n\nIt ends" + long, 42],
+        [0, 2, "beam", 1, "A", "   ", 3],
+    ]
+    lines = format_samples(rows, "Samples at epoch 0, step 2").split("\n")
+    assert lines[0] == "Samples at epoch 0, step 2:"
+    assert lines[1] == "  [greedy #0, 42 new tokens]"
+    assert lines[2] == "      The for statement is used to loop."  # the prompt continued, not cut from it
+    assert lines[3].startswith("      It ends and then")  # the blank line dropped, the break kept
+    assert len(lines) > 5 and all(len(line) <= 100 for line in lines)  # wrapped, none over the width
+    assert lines[-2:] == ["  [beam #1, 3 new tokens]", "      A"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -169,16 +170,21 @@ def _markdown_table(samples: list[GeneratedText]) -> str:
     return "\n".join(lines)
 
 
-def format_samples(rows: list[list[Any]], title: str) -> str:
+def format_samples(rows: list[list[Any]], title: str, width: int = 100) -> str:
     """The samples as text: a title line, then each sample on its own lines (no table to wrap).
 
-    ``[greedy #0] The "for" statement is used to`` then the continuation, indented, line breaks kept.
+    ``[greedy #0, 30 new tokens]``, then the prompt and its continuation as one text (the model continues the
+    prompt's string), indented, its line breaks kept and long lines wrapped at ``width``.
     """
     lines = [f"{title}:"]
     for _, _, preset, index, prompt, text, num_new_tokens in rows:
-        lines.append(f"  [{preset} #{index}, {num_new_tokens} tokens] {prompt.rstrip()}")
-        body = text.strip("\n") or "(nothing but white space)"
-        lines += [f"      {line}".rstrip() for line in body.split("\n") if line.strip()] or ["      " + body]
+        lines.append(f"  [{preset} #{index}, {num_new_tokens} new tokens]")
+        body = (prompt + text).strip() or "(nothing but white space)"
+        for paragraph in body.split("\n"):
+            if paragraph.strip():
+                lines += textwrap.wrap(
+                    paragraph.strip(), width, initial_indent="      ", subsequent_indent="      "
+                )
     return "\n".join(lines)
 
 
