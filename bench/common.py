@@ -140,7 +140,8 @@ def run_children(jobs: Sequence[tuple[str, Sequence[str]]]) -> list[dict[str, An
 
 def report_to_parent(result: dict[str, Any]) -> None:
     """Print a child's result where ``run_child`` finds it."""
-    print(_CHILD_MARKER + json.dumps(result), flush=True)
+    # On a line of its own: a progress bar on stdout leaves its last frame without a newline on a pipe.
+    print("\n" + _CHILD_MARKER + json.dumps(result), flush=True)
 
 
 def load_average() -> str:
