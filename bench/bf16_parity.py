@@ -2,7 +2,7 @@
 run, from the same start (the same seed, so the same initial weights and the same order of batches), in each
 precision, through the CLI as a user runs it. Also the wall time of each fit.
 
-Two suites: ``quickstart`` (``configs/quickstart.yaml`` as shipped: 3 epochs, its sampling callback
+Two suites: ``quickstart`` (``configs/quickstart.yaml`` as shipped, its sampling callback
 included) and ``wikitext`` (the benchmarks' model, a random GPT-2 of 4 layers, 256 wide, with GPT-2's
 50,257-token vocabulary, on WikiText-2 blocks of 256, batch 8, lr 1e-3 cosine, ``--steps`` optimizer steps,
 then one validation over ``--val-batches`` batches). Both precisions run at the same time, each in its own
@@ -132,7 +132,7 @@ def main() -> None:
         [[p, f"{r['perplexity']:.3f}", f"{r['seconds']:.0f}", r["steps"]] for p, r in results.items()],
     )
     setting = {
-        "quickstart": "configs/quickstart.yaml as shipped (3 epochs)",
+        "quickstart": "configs/quickstart.yaml as shipped",
         "wikitext": f"4x256 GPT-2 (vocab 50,257), WikiText-2 blocks of 256, batch 8, {args.steps} steps, "
         f"lr 1e-3 cosine, validation over {args.val_batches} batches",
     }[args.suite]
