@@ -62,8 +62,3 @@ def precision_reason(precision: Any) -> str:
     """Why a run has ``precision``: the default's reason, or ``--trainer.precision`` when it was given."""
     resolved, reason = resolve_precision()
     return reason if str(precision) == resolved else "--trainer.precision"
-
-
-def precision_line(precision: Any, device: str) -> str:
-    """One line for the start of a run: the precision it runs in, on what, and why."""
-    return f"Precision: {precision} on {device} ({precision_reason(precision)})."
