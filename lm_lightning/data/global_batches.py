@@ -152,11 +152,16 @@ class GlobalBatchSampler(DistributedSampler):
         """Micro-batches an epoch yields from sample ``start`` on, without a limit (see :meth:`__iter__`)."""
         if start >= self.num_rows:
             return 0
-        first_end = min((start // self.global_batch + 1) * self.global_batch, self.num_rows)
+        first_end = self._step_end(start)
         full, rest = divmod(self.num_rows - first_end, self.global_batch)
         per_micro = self.batch_size * self.world_size
         first = math.ceil((first_end - start) / per_micro)
         return first + full * self.accumulate + math.ceil(rest / per_micro)
+
+    def _step_end(self, position: int) -> int:
+        """Where the step that takes sample ``position`` ends: on a multiple of the global batch (only a
+        resume after a change of it starts between two), or at the epoch's last sample."""
+        return min((position // self.global_batch + 1) * self.global_batch, self.num_rows)
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's order of the rows: a function of the seed and the epoch only."""
@@ -181,8 +186,7 @@ class GlobalBatchSampler(DistributedSampler):
         position = start
         self.consumed, self._batches = start, done
         while position < self.num_rows and budget > 0:
-            # Steps end on multiples of the global batch; only a resume after a change of it starts between.
-            end = min((position // self.global_batch + 1) * self.global_batch, self.num_rows)
+            end = self._step_end(position)
             n_micro = min(math.ceil((end - position) / per_micro), budget)
             end = min(end, position + n_micro * per_micro)  # a step cut short by limit_train_batches
             step_rows = order[position:end]
